@@ -1,0 +1,86 @@
+use serde::{Deserialize, Serialize};
+
+/// What was asked of the video provider, recorded with the deduction that paid for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoSpec {
+    pub model: String,
+    pub prompt: String,
+    pub aspect_ratio: String,
+    pub duration: u32,
+    pub size: String,
+    pub reference_url: Option<String>,
+}
+
+/// Everything that can be asked of a `CreditAccount`. Every command names the thing it acts
+/// on (recharge, task, adjustment id), so repeating a command can never apply it twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CreditCommand {
+    /// Open a pending recharge. Credits are computed here from `amount_fen` and the price,
+    /// never taken from a client.
+    RequestRecharge {
+        recharge_id: String,
+        amount_fen: i64,
+        currency: String,
+        credits_per_yuan: i64,
+        provider: String,
+    },
+    /// Record the provider's checkout session for a pending recharge.
+    AttachCheckout {
+        recharge_id: String,
+        checkout_session_id: String,
+        checkout_url: Option<String>,
+    },
+    /// The provider says the payment was received, for this amount and currency.
+    CompleteRecharge {
+        recharge_id: String,
+        amount_fen: i64,
+        currency: String,
+        payment_id: String,
+    },
+    FailRecharge {
+        recharge_id: String,
+        reason: String,
+    },
+    CancelRecharge {
+        recharge_id: String,
+    },
+    /// The provider refunded or disputed `reversed_fen` in total (cumulative) of a completed
+    /// recharge; the credits it bought are clawed back in proportion.
+    ReverseRecharge {
+        recharge_id: String,
+        reversed_fen: i64,
+        reason: String,
+        reference: String,
+    },
+    /// Charge `credits` for a new video task.
+    DeductForTask {
+        task_id: String,
+        credits: i64,
+        description: String,
+        video: VideoSpec,
+        callback_token_sha256: String,
+    },
+    MarkTaskSubmitted {
+        task_id: String,
+        provider_task_id: String,
+    },
+    RecordVideoSuccess {
+        task_id: String,
+        video_url: String,
+        remove_watermark: Option<bool>,
+        pid: Option<String>,
+    },
+    /// The task failed (or will never run): record it and refund its credits, exactly once.
+    FailVideo {
+        task_id: String,
+        failure_reason: String,
+        error_message: String,
+    },
+    /// An operator grant (positive) or correction (negative); may not go below zero.
+    Adjust {
+        adjustment_id: String,
+        credits: i64,
+        actor: String,
+        reason: String,
+    },
+}
