@@ -167,7 +167,9 @@ impl CreditAccount {
                     }
                     // Money in hand wins: a payment that arrives after the checkout was
                     // marked failed or expired is still credited.
-                    RechargeStatus::Pending | RechargeStatus::Failed | RechargeStatus::Cancelled => {}
+                    RechargeStatus::Pending
+                    | RechargeStatus::Failed
+                    | RechargeStatus::Cancelled => {}
                 }
                 if amount_fen != recharge.amount_fen {
                     return Err(LedgerError::AmountMismatch {
@@ -225,11 +227,13 @@ impl CreditAccount {
                 let reversed_fen = reversed_fen.min(recharge.amount_fen);
                 // Credits to claw back in total, in proportion to what was refunded; the
                 // whole recharge is clawed back exactly when the whole amount is.
-                let target = recharge
-                    .credits
-                    .checked_mul(reversed_fen)
-                    .map(|v| v / recharge.amount_fen)
-                    .ok_or(LedgerError::Overflow)?;
+                // Computed in i128: credits * fen may exceed i64 for a large recharge, the
+                // quotient never exceeds `credits`.
+                let target = i64::try_from(
+                    i128::from(recharge.credits) * i128::from(reversed_fen)
+                        / i128::from(recharge.amount_fen),
+                )
+                .map_err(|_| LedgerError::Overflow)?;
                 let credits = target - recharge.reversed_credits;
                 if reversed_fen <= recharge.reversed_fen || credits <= 0 {
                     return Err(LedgerError::NothingToReverse { recharge_id });
@@ -351,7 +355,9 @@ impl CreditAccount {
                     return Err(LedgerError::AdjustmentExists { adjustment_id });
                 }
                 let balance_after = self.add(credits)?;
-                if balance_after < 0 {
+                // Only a take-back is bounded by zero: a grant to an account in debt after
+                // a reversal repays part of the debt even if the balance stays negative.
+                if credits < 0 && balance_after < 0 {
                     return Err(LedgerError::AdjustmentBelowZero {
                         would_be: balance_after,
                     });

@@ -1,0 +1,232 @@
+//! Connections and migrations.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio_postgres::NoTls;
+
+/// Plain-SQL migrations, forward-only, applied in order. An applied migration is never
+/// edited: its checksum is recorded and checked at every start.
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_journal",
+        include_str!("../../../migrations/0001_journal.sql"),
+    ),
+    (
+        "0002_projections",
+        include_str!("../../../migrations/0002_projections.sql"),
+    ),
+];
+
+/// Where the database is and how many connections each side may use.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pub url: String,
+    /// Connections for the journal (postgres-es, through sqlx).
+    pub write_connections: u32,
+    /// Connections for projections, queries and audit (deadpool).
+    pub read_connections: usize,
+}
+
+impl DbConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            write_connections: 20,
+            read_connections: 20,
+        }
+    }
+}
+
+/// Both connection pools of one database.
+#[derive(Clone)]
+pub struct Database {
+    pub write: PgPool,
+    pub read: Pool,
+}
+
+impl Database {
+    /// Creates the database if missing, applies pending migrations and opens both pools.
+    pub async fn connect_and_migrate(config: &DbConfig) -> anyhow::Result<Self> {
+        ensure_database(&config.url).await?;
+        let read = read_pool(&config.url, config.read_connections)?;
+        {
+            let mut client = read.get().await.context("connecting to the database")?;
+            migrate(&mut client).await?;
+        }
+        let write = write_pool(&config.url, config.write_connections).await?;
+        Ok(Self { write, read })
+    }
+}
+
+fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    url.parse::<tokio_postgres::Config>()
+        .context("DATABASE_URL is not a valid PostgreSQL URL")
+}
+
+/// Creates the target database when it does not exist (connecting to `postgres` to do so).
+pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
+    let config = pg_config(url)?;
+    let name = config
+        .get_dbname()
+        .context("DATABASE_URL names no database")?
+        .to_owned();
+    let mut maintenance = config.clone();
+    maintenance.dbname("postgres");
+    let (client, connection) = maintenance
+        .connect(NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let conn = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await
+        {
+            Ok(()) => tracing::info!(db.name = %name, "created database"),
+            // Another process created it at the same moment.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) => return Err(e).context("creating the database"),
+        }
+    }
+    drop(client);
+    conn.abort();
+    Ok(())
+}
+
+/// Drops a database (tests and tools only).
+pub async fn drop_database(url: &str) -> anyhow::Result<()> {
+    let config = pg_config(url)?;
+    let name = config
+        .get_dbname()
+        .context("DATABASE_URL names no database")?
+        .to_owned();
+    let mut maintenance = config.clone();
+    maintenance.dbname("postgres");
+    let (client, connection) = maintenance.connect(NoTls).await?;
+    let conn = tokio::spawn(connection);
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+        .await?;
+    conn.abort();
+    Ok(())
+}
+
+/// The read-side pool: projections, queries, audit.
+pub fn read_pool(url: &str, size: usize) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        pg_config(url)?,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .context("building the read pool")
+}
+
+/// The write-side pool for postgres-es, built with explicit options (postgres-es's own
+/// `default_postgress_pool` panics on a connection error).
+pub async fn write_pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .context("connecting the journal pool")
+}
+
+/// Applies pending migrations under an advisory lock, so concurrent starts are safe.
+/// Returns the names applied now.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<&'static str>> {
+    const LOCK: i64 = 0x6372_6564_6974; // "credit"
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
+        .await?;
+    let result = apply_pending(client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
+        .await?;
+    result
+}
+
+async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<&'static str>> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    text PRIMARY KEY,
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+    let mut applied = Vec::new();
+    for (version, sql) in MIGRATIONS {
+        let checksum = checksum(sql);
+        let row = client
+            .query_opt(
+                "SELECT checksum FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?;
+        match row {
+            Some(row) => {
+                let stored: String = row.get(0);
+                anyhow::ensure!(
+                    stored == checksum,
+                    "migration {version} was edited after it was applied (forward-only: add a new migration instead)"
+                );
+            }
+            None => {
+                let tx = client.transaction().await?;
+                tx.batch_execute(sql)
+                    .await
+                    .with_context(|| format!("applying migration {version}"))?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                    &[version, &checksum],
+                )
+                .await?;
+                tx.commit().await?;
+                tracing::info!(migration = version, "applied migration");
+                applied.push(*version);
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// Whether every known migration is applied (for readiness).
+pub async fn migrations_applied(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM schema_migrations WHERE version = ANY($1)",
+            &[&MIGRATIONS.iter().map(|(v, _)| *v).collect::<Vec<_>>()],
+        )
+        .await?;
+    let n: i64 = row.get(0);
+    Ok(n == MIGRATIONS.len() as i64)
+}
+
+fn checksum(sql: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(sql.as_bytes()))
+}

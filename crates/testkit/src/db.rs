@@ -1,0 +1,65 @@
+//! A fresh, migrated PostgreSQL database per test, dropped when the test ends.
+
+use credit_store::{Database, DbConfig};
+
+/// The server tests run against; `TEST_DATABASE_URL` overrides it (any database name: a
+/// fresh one is created beside it).
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub url: String,
+    pub db: Database,
+}
+
+impl TestDb {
+    /// Creates `credit_ledger_test_<random>` and applies the migrations, exactly as the
+    /// service does at start-up.
+    pub async fn new() -> Self {
+        Self::with_pools(20, 20).await
+    }
+
+    pub async fn with_pools(write: u32, read: usize) -> Self {
+        let base = server_url();
+        let name = format!("credit_ledger_test_{}", uuid::Uuid::new_v4().simple());
+        let url = match base.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => panic!("TEST_DATABASE_URL has no database part: {base}"),
+        };
+        let mut config = DbConfig::new(url.clone());
+        config.write_connections = write;
+        config.read_connections = read;
+        let db = match Database::connect_and_migrate(&config).await {
+            Ok(db) => db,
+            Err(e) => panic!("cannot create test database (is PostgreSQL running?): {e:#}"),
+        };
+        Self { url, db }
+    }
+
+    pub async fn client(&self) -> deadpool_postgres::Object {
+        match self.db.read.get().await {
+            Ok(c) => c,
+            Err(e) => panic!("test database connection: {e}"),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        self.db.read.close();
+        let url = self.url.clone();
+        // Drop the database from a separate thread: we may be inside a runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let _ = rt.block_on(credit_store::db::drop_database(&url));
+            }
+        })
+        .join();
+    }
+}
