@@ -1,0 +1,5 @@
+//! `credit-ledger serve`: the HTTP service lives in `credit-http`; this only starts it.
+
+pub async fn serve() -> anyhow::Result<()> {
+    credit_http::serve().await
+}

@@ -1,0 +1,384 @@
+//! Configuration from environment variables (and an optional `.env`), validated at start-up.
+//! Every invalid value stops the start with a message naming the variable. Secrets stay in
+//! `SecretString`s so they cannot be logged by accident.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use credit_domain::Pricing;
+use secrecy::SecretString;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    pub secret_key: SecretString,
+    pub api_base: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrsaiSettings {
+    pub api_key: SecretString,
+    pub api_base: String,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub listen_addr: SocketAddr,
+    pub public_base_url: String,
+    /// `None`: demo sign-in (`POST /api/dev/token`, random per-process secret).
+    pub jwt_secret: Option<SecretString>,
+    pub jwt_audience: Option<String>,
+    /// `None`: admin endpoints are closed.
+    pub admin_token: Option<SecretString>,
+    /// `None`: demo payments (recharges complete at once).
+    pub stripe: Option<StripeSettings>,
+    pub stripe_webhook_secret: Option<SecretString>,
+    pub stripe_success_url: String,
+    pub stripe_cancel_url: String,
+    /// `None`: the simulated video provider.
+    pub grsai: Option<GrsaiSettings>,
+    pub grsai_api_base: String,
+    pub pricing: Pricing,
+    pub recharge_min_fen: i64,
+    pub recharge_max_fen: i64,
+    pub task_poll_after: Duration,
+    pub settlement_interval: Duration,
+    pub demo_video_delay: Duration,
+    pub cors_allowed_origins: Vec<String>,
+    pub write_connections: u32,
+    pub read_connections: usize,
+}
+
+impl Config {
+    /// Reads the process environment (after loading `.env` if there is one).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let _ = dotenvy::dotenv();
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get` (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let secret = |k: &'static str| get(k).map(SecretString::from);
+
+        let database_url = get("DATABASE_URL")
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/credit_ledger".to_owned());
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(err("DATABASE_URL", "must be a postgres:// URL"));
+        }
+        let listen_addr: SocketAddr = get("LISTEN_ADDR")
+            .unwrap_or_else(|| "127.0.0.1:8080".to_owned())
+            .parse()
+            .map_err(|_| err("LISTEN_ADDR", "must be an address like 127.0.0.1:8080"))?;
+        let public_base_url = match get("PUBLIC_BASE_URL") {
+            Some(url) => parse_url("PUBLIC_BASE_URL", &url)?,
+            None => format!("http://{listen_addr}"),
+        };
+        let jwt_secret = secret("AUTH_JWT_SECRET");
+        if let Some(s) = &jwt_secret {
+            use secrecy::ExposeSecret;
+            if s.expose_secret().len() < 16 {
+                return Err(err("AUTH_JWT_SECRET", "must be at least 16 characters"));
+            }
+        }
+        let admin_token = secret("ADMIN_TOKEN");
+        if let Some(s) = &admin_token {
+            use secrecy::ExposeSecret;
+            if s.expose_secret().len() < 12 {
+                return Err(err("ADMIN_TOKEN", "must be at least 12 characters"));
+            }
+        }
+        let stripe_api_base = match get("STRIPE_API_BASE") {
+            Some(url) => parse_url("STRIPE_API_BASE", &url)?,
+            None => "https://api.stripe.com".to_owned(),
+        };
+        let stripe = secret("STRIPE_SECRET_KEY").map(|secret_key| StripeSettings {
+            secret_key,
+            api_base: stripe_api_base,
+        });
+        let stripe_success_url = match get("STRIPE_SUCCESS_URL") {
+            Some(url) => parse_url("STRIPE_SUCCESS_URL", &url)?,
+            None => format!("{public_base_url}/?recharge=success"),
+        };
+        let stripe_cancel_url = match get("STRIPE_CANCEL_URL") {
+            Some(url) => parse_url("STRIPE_CANCEL_URL", &url)?,
+            None => format!("{public_base_url}/?recharge=cancel"),
+        };
+        let grsai_api_base = match get("GRSAI_API_BASE") {
+            Some(url) => parse_url("GRSAI_API_BASE", &url)?,
+            None => "https://grsai.dakka.com.cn".to_owned(),
+        };
+        let grsai_timeout = match get("GRSAI_TIMEOUT") {
+            Some(v) => parse_duration("GRSAI_TIMEOUT", &v)?,
+            None => Duration::from_secs(20),
+        };
+        let grsai = secret("GRSAI_API_KEY").map(|api_key| GrsaiSettings {
+            api_key,
+            api_base: grsai_api_base.clone(),
+            timeout: grsai_timeout,
+        });
+
+        let currency = get("CURRENCY").unwrap_or_else(|| "cny".to_owned());
+        let credits_per_yuan = parse_int("CREDITS_PER_YUAN", get("CREDITS_PER_YUAN"), 100)?;
+        let video_cost = parse_int("VIDEO_COST_CREDITS", get("VIDEO_COST_CREDITS"), 10)?;
+        let pricing = Pricing::new(credits_per_yuan, video_cost, &currency.to_ascii_lowercase())
+            .map_err(|e| {
+                let var = match e {
+                    credit_domain::PricingError::CreditsPerYuan => "CREDITS_PER_YUAN",
+                    credit_domain::PricingError::VideoCost => "VIDEO_COST_CREDITS",
+                    credit_domain::PricingError::Currency => "CURRENCY",
+                };
+                err(var, e.to_string())
+            })?;
+        let recharge_min_fen = match get("RECHARGE_MIN_YUAN") {
+            Some(v) => crate::money::yuan_text_to_fen(&v)
+                .map_err(|e| err("RECHARGE_MIN_YUAN", e.to_string()))?,
+            None => 100,
+        };
+        let recharge_max_fen = match get("RECHARGE_MAX_YUAN") {
+            Some(v) => crate::money::yuan_text_to_fen(&v)
+                .map_err(|e| err("RECHARGE_MAX_YUAN", e.to_string()))?,
+            None => 1_000_000,
+        };
+        if recharge_min_fen <= 0 {
+            return Err(err("RECHARGE_MIN_YUAN", "must be positive"));
+        }
+        if recharge_max_fen < recharge_min_fen || recharge_max_fen > 100_000_000 {
+            return Err(err(
+                "RECHARGE_MAX_YUAN",
+                "must be at least RECHARGE_MIN_YUAN and at most 1000000",
+            ));
+        }
+        let task_poll_after = match get("TASK_POLL_AFTER") {
+            Some(v) => parse_duration("TASK_POLL_AFTER", &v)?,
+            None => Duration::from_secs(600),
+        };
+        let settlement_interval = match get("SETTLEMENT_INTERVAL") {
+            Some(v) => parse_duration("SETTLEMENT_INTERVAL", &v)?,
+            None => Duration::from_secs(30),
+        };
+        let demo_video_delay = match get("DEMO_VIDEO_DELAY") {
+            Some(v) => parse_duration("DEMO_VIDEO_DELAY", &v)?,
+            None => Duration::from_secs(3),
+        };
+        let cors_allowed_origins = get("CORS_ALLOWED_ORIGINS")
+            .map(|v| {
+                v.split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for origin in &cors_allowed_origins {
+            if origin != "*" {
+                parse_url("CORS_ALLOWED_ORIGINS", origin)?;
+            }
+        }
+        let write_connections = parse_int(
+            "DATABASE_WRITE_CONNECTIONS",
+            get("DATABASE_WRITE_CONNECTIONS"),
+            16,
+        )?;
+        let read_connections = parse_int(
+            "DATABASE_READ_CONNECTIONS",
+            get("DATABASE_READ_CONNECTIONS"),
+            16,
+        )?;
+        if !(1..=500).contains(&write_connections) {
+            return Err(err(
+                "DATABASE_WRITE_CONNECTIONS",
+                "must be between 1 and 500",
+            ));
+        }
+        if !(2..=500).contains(&read_connections) {
+            return Err(err(
+                "DATABASE_READ_CONNECTIONS",
+                "must be between 2 and 500",
+            ));
+        }
+
+        let config = Self {
+            database_url,
+            listen_addr,
+            public_base_url,
+            jwt_secret,
+            jwt_audience: get("AUTH_JWT_AUDIENCE"),
+            admin_token,
+            stripe,
+            stripe_webhook_secret: secret("STRIPE_WEBHOOK_SECRET"),
+            stripe_success_url,
+            stripe_cancel_url,
+            grsai,
+            grsai_api_base,
+            pricing,
+            recharge_min_fen,
+            recharge_max_fen,
+            task_poll_after,
+            settlement_interval,
+            demo_video_delay,
+            cors_allowed_origins,
+            write_connections: write_connections as u32,
+            read_connections: read_connections as usize,
+        };
+        config.check_demo_is_local()?;
+        Ok(config)
+    }
+
+    /// The demo features that are on (no key configured for them).
+    pub fn demo_features(&self) -> Vec<&'static str> {
+        let mut on = Vec::new();
+        if self.stripe.is_none() {
+            on.push("payments (recharges complete at once; STRIPE_SECRET_KEY unset)");
+        }
+        if self.grsai.is_none() {
+            on.push("video provider (simulated; GRSAI_API_KEY unset)");
+        }
+        if self.jwt_secret.is_none() {
+            on.push("sign-in (POST /api/dev/token; AUTH_JWT_SECRET unset)");
+        }
+        on
+    }
+
+    /// Demo features are allowed only on a loopback address.
+    fn check_demo_is_local(&self) -> Result<(), ConfigError> {
+        let demo = self.demo_features();
+        if !demo.is_empty() && !self.listen_addr.ip().is_loopback() {
+            return Err(err(
+                "LISTEN_ADDR",
+                format!(
+                    "{} is not a loopback address, and demo mode is only allowed on loopback; \
+                     configure STRIPE_SECRET_KEY, GRSAI_API_KEY and AUTH_JWT_SECRET, or listen on \
+                     127.0.0.1 (demo features that would be on: {})",
+                    self.listen_addr,
+                    demo.join("; ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_url(var: &'static str, value: &str) -> Result<String, ConfigError> {
+    let ok = (value.starts_with("http://") || value.starts_with("https://"))
+        && value.len() > "http://".len()
+        && !value.contains(char::is_whitespace);
+    if !ok {
+        return Err(err(var, "must be an http:// or https:// URL"));
+    }
+    Ok(value.trim_end_matches('/').to_owned())
+}
+
+fn parse_int(var: &'static str, value: Option<String>, default: i64) -> Result<i64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<i64>()
+            .map_err(|_| err(var, format!("must be an integer, got {v:?}"))),
+    }
+}
+
+/// `600`, `600s`, `10m`, `1h`, `500ms`.
+pub fn parse_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let bad = || {
+        err(
+            var,
+            format!("must be a duration like 600, 600s, 10m or 1h, got {value:?}"),
+        )
+    };
+    let (digits, unit) = value
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((value, ""), |i| value.split_at(i));
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_are_demo_on_loopback() {
+        let c = config(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listen_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.pricing, Pricing::default());
+        assert_eq!((c.recharge_min_fen, c.recharge_max_fen), (100, 1_000_000));
+        assert_eq!(c.task_poll_after, Duration::from_secs(600));
+        assert_eq!(c.demo_features().len(), 3);
+    }
+
+    #[test]
+    fn demo_mode_refuses_a_public_address() {
+        let e = config(&[("LISTEN_ADDR", "0.0.0.0:8080")]).err();
+        assert_eq!(e.map(|e| e.var), Some("LISTEN_ADDR"));
+    }
+
+    #[test]
+    fn invalid_values_name_their_variable() {
+        for (var, value) in [
+            ("CREDITS_PER_YUAN", "abc"),
+            ("VIDEO_COST_CREDITS", "0"),
+            ("CURRENCY", "yuan"),
+            ("RECHARGE_MIN_YUAN", "-1"),
+            ("RECHARGE_MAX_YUAN", "0.5"),
+            ("TASK_POLL_AFTER", "soon"),
+            ("PUBLIC_BASE_URL", "ftp://x"),
+            ("LISTEN_ADDR", "nowhere"),
+            ("AUTH_JWT_SECRET", "short"),
+        ] {
+            let e = config(&[(var, value)]).err();
+            assert_eq!(e.map(|e| e.var), Some(var), "{var}={value}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("X", "10m").ok(),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            parse_duration("X", "15").ok(),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            parse_duration("X", "250ms").ok(),
+            Some(Duration::from_millis(250))
+        );
+        assert!(parse_duration("X", "1d").is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! The one HTTP error type. Every error answers
+//! `{"error": {"code": "snake_case", "message": "…", …extra}}`; internals never leak: the
+//! cause is logged once, here, and the client sees a stable code.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use credit_domain::LedgerError;
+use credit_store::ExecuteError;
+use serde_json::{json, Map, Value};
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub extra: Map<String, Value>,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            extra: Map::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// 400: the request is malformed (JSON, types, fields).
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 422: well-formed, but the values are not acceptable.
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    /// 401: missing or wrong credentials.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 502: an outside provider failed.
+    pub fn provider(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "provider_error", message)
+    }
+
+    /// 500: our own failure (database). The cause is logged, never sent.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the service failed to complete the request; it has been logged",
+        )
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut body = Map::new();
+        body.insert("code".into(), json!(self.code));
+        body.insert("message".into(), json!(self.message));
+        for (k, v) in &self.extra {
+            body.insert(k.clone(), v.clone());
+        }
+        HttpResponse::build(self.status).json(json!({ "error": body }))
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::internal(format!("{e:#}"))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::internal(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::internal(e)
+    }
+}
+
+/// A refusal of the ledger, as the client sees it.
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        let status = match &e {
+            LedgerError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            LedgerError::RechargeExists { .. }
+            | LedgerError::RechargeAlreadyCompleted { .. }
+            | LedgerError::RechargeNotPending { .. }
+            | LedgerError::TaskAlreadyCharged { .. }
+            | LedgerError::TaskAlreadySettled { .. }
+            | LedgerError::TaskAlreadySubmitted { .. }
+            | LedgerError::AdjustmentExists { .. } => StatusCode::CONFLICT,
+            LedgerError::UnknownRecharge { .. } | LedgerError::UnknownTask { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        let mut err = ApiError::new(status, e.code(), e.to_string());
+        if let LedgerError::InsufficientCredits {
+            required,
+            available,
+        } = e
+        {
+            err = err.with("required", required).with("credits", available);
+        }
+        err
+    }
+}
+
+impl From<ExecuteError> for ApiError {
+    fn from(e: ExecuteError) -> Self {
+        match e {
+            ExecuteError::Rejected(refused) => refused.into(),
+            ExecuteError::Contended(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "account_busy",
+                "too many concurrent requests for this account; retry shortly",
+            ),
+            ExecuteError::Store(cause) => ApiError::internal(cause),
+        }
+    }
+}
+
+/// JSON, query and path extractor failures become 400s with our error shape.
+pub fn json_error(err: actix_web::error::JsonPayloadError) -> ApiError {
+    use actix_web::error::JsonPayloadError as E;
+    match err {
+        E::OverflowKnownLength { .. } | E::Overflow { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is too large",
+        ),
+        E::ContentType => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON (Content-Type: application/json)",
+        ),
+        E::Deserialize(e) if e.is_data() => ApiError::bad_request("invalid_body", e.to_string()),
+        E::Deserialize(e) => ApiError::bad_request("malformed_json", e.to_string()),
+        other => ApiError::bad_request("malformed_json", other.to_string()),
+    }
+}
+
+pub fn query_error(err: actix_web::error::QueryPayloadError) -> ApiError {
+    ApiError::bad_request("invalid_query", err.to_string())
+}
+
+pub fn path_error(err: actix_web::error::PathError) -> ApiError {
+    ApiError::bad_request("invalid_path", err.to_string())
+}

@@ -1,0 +1,439 @@
+//! Video generation: `POST /api/video/generate`, Grsai's `POST /api/video/callback`, the
+//! user's tasks and consumption records.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
+use credit_domain::ports::{ProviderStatus, VideoRequest, VideoResult};
+use credit_domain::{CreditAccount, CreditCommand, LedgerError, TaskStatus, UserId, VideoSpec};
+use credit_store::ExecuteError;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::recharge::{metadata, new_id};
+use super::{page_of, Page};
+use crate::auth::{constant_time_eq, AuthUser};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub const MODEL: &str = "sora-2";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    prompt: String,
+    aspect_ratio: Option<String>,
+    duration: Option<u32>,
+    size: Option<String>,
+    image_url: Option<String>,
+}
+
+impl GenerateRequest {
+    fn validate(self) -> Result<VideoSpec, ApiError> {
+        let prompt = self.prompt.trim().to_owned();
+        let chars = prompt.chars().count();
+        if chars == 0 || chars > 2000 {
+            return Err(ApiError::invalid(
+                "invalid_prompt",
+                "prompt must be 1 to 2000 characters",
+            ));
+        }
+        let aspect_ratio = self.aspect_ratio.unwrap_or_else(|| "9:16".to_owned());
+        if !matches!(aspect_ratio.as_str(), "9:16" | "16:9") {
+            return Err(ApiError::invalid(
+                "invalid_aspect_ratio",
+                "aspect_ratio must be \"9:16\" or \"16:9\"",
+            ));
+        }
+        let duration = self.duration.unwrap_or(10);
+        if !matches!(duration, 10 | 15) {
+            return Err(ApiError::invalid(
+                "invalid_duration",
+                "duration must be 10 or 15",
+            ));
+        }
+        let size = self.size.unwrap_or_else(|| "small".to_owned());
+        if !matches!(size.as_str(), "small" | "large") {
+            return Err(ApiError::invalid(
+                "invalid_size",
+                "size must be \"small\" or \"large\"",
+            ));
+        }
+        if let Some(url) = &self.image_url {
+            let ok = url.starts_with("https://")
+                && url.len() > "https://".len()
+                && url.len() <= 2048
+                && !url.contains(char::is_whitespace);
+            if !ok {
+                return Err(ApiError::invalid(
+                    "invalid_image_url",
+                    "image_url must be an https:// URL of at most 2048 characters",
+                ));
+            }
+        }
+        Ok(VideoSpec {
+            model: MODEL.to_owned(),
+            prompt,
+            aspect_ratio,
+            duration,
+            size,
+            reference_url: self.image_url,
+        })
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+pub async fn generate(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    req: HttpRequest,
+    body: web::Json<GenerateRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let user = user.0;
+    let video = body.into_inner().validate()?;
+    let task_id = new_id(&req, "vid", &user)?;
+    let token = random_token();
+    let cost = state.config.pricing.video_cost_credits;
+    let meta = metadata(&req);
+
+    let charged = state
+        .ledger
+        .execute(
+            &user,
+            CreditCommand::DeductForTask {
+                task_id: task_id.clone(),
+                credits: cost,
+                description: format!("Sora 2 video ({}s, {})", video.duration, video.aspect_ratio),
+                video: video.clone(),
+                callback_token_sha256: sha256_hex(&token),
+            },
+            meta.clone(),
+        )
+        .await;
+    let charged = match charged {
+        Ok(done) => done,
+        // A retry with the same Idempotency-Key: the task exists, answer with it.
+        Err(ExecuteError::Rejected(LedgerError::TaskAlreadyCharged { .. })) => {
+            let (account, _) = state.ledger.load(&user).await?;
+            return Ok(HttpResponse::Accepted().json(task_answer(&account, &task_id)));
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    let callback_url = format!(
+        "{}/api/video/callback?account={}&task={}&token={}",
+        state.config.public_base_url,
+        urlencode(user.as_str()),
+        task_id,
+        token
+    );
+    let submitted = state
+        .video
+        .submit(&VideoRequest {
+            prompt: video.prompt.clone(),
+            aspect_ratio: video.aspect_ratio.clone(),
+            duration: video.duration,
+            size: video.size.clone(),
+            image_url: video.reference_url.clone(),
+            callback_url,
+        })
+        .await;
+    match submitted {
+        Ok(provider_task_id) => {
+            let marked = state
+                .ledger
+                .execute(
+                    &user,
+                    CreditCommand::MarkTaskSubmitted {
+                        task_id: task_id.clone(),
+                        provider_task_id,
+                    },
+                    meta,
+                )
+                .await;
+            match marked {
+                // A very fast callback may have settled the task already: fine.
+                Ok(_) | Err(ExecuteError::Rejected(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(HttpResponse::Accepted().json(json!({
+                "task_id": task_id,
+                "status": "processing",
+                "credits_charged": cost,
+                "credits": charged.state.balance(),
+            })))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, task.id = %task_id, "video submission failed, refunding");
+            let refunded = state
+                .ledger
+                .execute(
+                    &user,
+                    CreditCommand::FailVideo {
+                        task_id: task_id.clone(),
+                        failure_reason: "provider_error".to_owned(),
+                        error_message: e.to_string(),
+                    },
+                    meta,
+                )
+                .await;
+            let balance = match refunded {
+                Ok(done) => done.state.balance(),
+                Err(ExecuteError::Rejected(_)) => state.ledger.load(&user).await?.0.balance(),
+                Err(e) => return Err(e.into()),
+            };
+            Err(
+                ApiError::provider("the video provider failed; your credits were refunded")
+                    .with("refunded", true)
+                    .with("task_id", task_id)
+                    .with("credits", balance),
+            )
+        }
+    }
+}
+
+fn task_answer(account: &CreditAccount, task_id: &str) -> serde_json::Value {
+    let task = account.task(task_id);
+    let status = match task.map(|t| t.status) {
+        Some(TaskStatus::Succeeded) => "succeeded",
+        Some(TaskStatus::Failed) => "failed",
+        _ => "processing",
+    };
+    json!({
+        "task_id": task_id,
+        "status": status,
+        "credits_charged": task.map_or(0, |t| t.credits),
+        "refunded": task.is_some_and(|t| t.refunded),
+        "credits": account.balance(),
+    })
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+pub struct CallbackQuery {
+    account: Option<String>,
+    task: Option<String>,
+    token: Option<String>,
+}
+
+/// Grsai's deliveries. Authenticated by the per-task token in the URL (compared with the
+/// hash recorded in the deduction event). Every authenticated delivery gets 200, whatever its
+/// order or repetition; a malformed body gets 400.
+pub async fn callback(
+    state: web::Data<AppState>,
+    query: web::Query<CallbackQuery>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let unauthorized =
+        || ApiError::unauthorized("invalid_callback_token", "unknown task or wrong token");
+    let (Some(account), Some(task_id), Some(token)) = (&query.account, &query.task, &query.token)
+    else {
+        return Err(unauthorized());
+    };
+    let user = UserId::parse(account).map_err(|_| unauthorized())?;
+    let (state_now, _) = state.ledger.load(&user).await?;
+    let Some(task) = state_now.task(task_id) else {
+        return Err(unauthorized());
+    };
+    if !constant_time_eq(
+        sha256_hex(token).as_bytes(),
+        task.callback_token_sha256.as_bytes(),
+    ) {
+        return Err(unauthorized());
+    }
+    let result = credit_grsai::parse_result(&body)
+        .map_err(|e| ApiError::bad_request("invalid_payload", e.to_string()))?;
+    if let Some(known) = &task.provider_task_id {
+        if known != &result.provider_task_id {
+            tracing::warn!(task.id = %task_id, "callback for another provider task id; ignored");
+            return Ok(HttpResponse::Ok()
+                .json(json!({ "received": true, "outcome": "ignored_mismatched_id" })));
+        }
+    }
+    let outcome = settle(&state, &user, task_id, &result).await?;
+    Ok(HttpResponse::Ok().json(json!({ "received": true, "outcome": outcome })))
+}
+
+/// Applies a provider result to a task (callback and settlement job alike).
+pub async fn settle(
+    state: &AppState,
+    user: &UserId,
+    task_id: &str,
+    result: &VideoResult,
+) -> Result<&'static str, ApiError> {
+    let command = match result.status {
+        ProviderStatus::Running => {
+            let client = state.read().await?;
+            client
+                .execute(
+                    "UPDATE video_tasks SET progress = $2, status = 'processing'
+                      WHERE id = $1 AND status IN ('pending', 'processing')",
+                    &[&task_id, &i32::from(result.progress.min(99))],
+                )
+                .await?;
+            return Ok("progress");
+        }
+        ProviderStatus::Succeeded => match &result.video_url {
+            Some(url) => CreditCommand::RecordVideoSuccess {
+                task_id: task_id.to_owned(),
+                video_url: url.clone(),
+                remove_watermark: result.remove_watermark,
+                pid: result.pid.clone(),
+            },
+            // "Succeeded" without a video is no video: treat as a failure, refund.
+            None => CreditCommand::FailVideo {
+                task_id: task_id.to_owned(),
+                failure_reason: "error".to_owned(),
+                error_message: "provider reported success without a video URL".to_owned(),
+            },
+        },
+        ProviderStatus::Failed => CreditCommand::FailVideo {
+            task_id: task_id.to_owned(),
+            failure_reason: result
+                .failure_reason
+                .clone()
+                .unwrap_or_else(|| "error".to_owned()),
+            error_message: result.error.clone().unwrap_or_default(),
+        },
+    };
+    match state
+        .ledger
+        .execute(user, command, Default::default())
+        .await
+    {
+        Ok(_) => Ok("applied"),
+        Err(ExecuteError::Rejected(LedgerError::TaskAlreadySettled { .. })) => {
+            Ok("already_settled")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+const TASK_COLUMNS: &str =
+    "id, status, progress, prompt, video_url, failure_reason, credits_charged,
+    refunded, created_at, completed_at, aspect_ratio, duration, size, error_message, model";
+
+fn task_json(r: &tokio_postgres::Row) -> serde_json::Value {
+    json!({
+        "task_id": r.get::<_, String>(0),
+        "status": r.get::<_, String>(1),
+        "progress": r.get::<_, i32>(2),
+        "prompt": r.get::<_, String>(3),
+        "video_url": r.get::<_, Option<String>>(4),
+        "failure_reason": r.get::<_, Option<String>>(5),
+        "credits_charged": r.get::<_, i64>(6),
+        "refunded": r.get::<_, bool>(7),
+        "created_at": r.get::<_, DateTime<Utc>>(8),
+        "completed_at": r.get::<_, Option<DateTime<Utc>>>(9),
+        "aspect_ratio": r.get::<_, String>(10),
+        "duration": r.get::<_, i32>(11),
+        "size": r.get::<_, String>(12),
+        "error_message": r.get::<_, Option<String>>(13),
+        "model": r.get::<_, String>(14),
+    })
+}
+
+pub async fn list(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    page: web::Query<Page>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = page.limit()?;
+    let (at, id) = page
+        .cursor()?
+        .map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
+    let client = state.read().await?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {TASK_COLUMNS} FROM video_tasks
+                  WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+                  ORDER BY created_at DESC, id DESC LIMIT $4"
+            ),
+            &[&user.0.as_str(), &at, &id, &(limit + 1)],
+        )
+        .await?;
+    let rows = rows
+        .iter()
+        .map(|r| (task_json(r), r.get(8), r.get(0)))
+        .collect();
+    Ok(page_of(rows, limit))
+}
+
+pub async fn get(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let client = state.read().await?;
+    let row = client
+        .query_opt(
+            &format!("SELECT {TASK_COLUMNS} FROM video_tasks WHERE id = $1 AND user_id = $2"),
+            &[&path.as_str(), &user.0.as_str()],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok(HttpResponse::Ok().json(task_json(&r))),
+        None => Err(ApiError::not_found("no such task")),
+    }
+}
+
+pub async fn consumption(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    page: web::Query<Page>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = page.limit()?;
+    let (at, id) = page
+        .cursor()?
+        .map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
+    let client = state.read().await?;
+    let rows = client
+        .query(
+            "SELECT id, video_task_id, credits, description, status, created_at, refunded_at
+               FROM consumption_records
+              WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+              ORDER BY created_at DESC, id DESC LIMIT $4",
+            &[&user.0.as_str(), &at, &id, &(limit + 1)],
+        )
+        .await?;
+    let rows = rows
+        .iter()
+        .map(|r| {
+            let id: String = r.get(0);
+            let created_at: DateTime<Utc> = r.get(5);
+            (
+                json!({
+                    "id": id,
+                    "video_task_id": r.get::<_, String>(1),
+                    "credits": r.get::<_, i64>(2),
+                    "description": r.get::<_, String>(3),
+                    "status": r.get::<_, String>(4),
+                    "created_at": created_at,
+                    "refunded_at": r.get::<_, Option<DateTime<Utc>>>(6),
+                }),
+                created_at,
+                id,
+            )
+        })
+        .collect();
+    Ok(page_of(rows, limit))
+}
