@@ -407,9 +407,7 @@ async fn check_records(
     pending: &std::collections::HashSet<String>,
     discrepancies: &mut Vec<Discrepancy>,
 ) -> anyhow::Result<()> {
-    let stream = client
-        .query_raw(sql, std::iter::empty::<i64>())
-        .await?;
+    let stream = client.query_raw(sql, std::iter::empty::<i64>()).await?;
     pin_mut!(stream);
     let mut seen = std::collections::HashSet::new();
     while let Some(row) = stream.try_next().await? {

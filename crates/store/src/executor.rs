@@ -51,13 +51,22 @@ struct Cached {
 
 type Slot = Arc<Mutex<Option<Cached>>>;
 
+/// How many idle accounts' states are kept in memory. Kept state is only a head start: a
+/// commit on stale state fails on the journal's optimistic lock and is retried on fresh state.
+pub const KEEP_IDLE_ACCOUNTS: usize = 10_000;
+
+struct Slots {
+    busy: HashMap<String, Slot>,
+    idle: lru::LruCache<String, Cached>,
+}
+
 /// Runs commands against `CreditAccount`s stored by postgres-es.
 pub struct Ledger {
     /// Loads from the latest snapshot; commits that reach a snapshot boundary write one.
     store: PersistedEventStore<PostgresEventRepository, CreditAccount>,
     /// Commits without a snapshot, for the commits `snapshot_store_would_corrupt`.
     plain: PersistedEventStore<PostgresEventRepository, CreditAccount>,
-    slots: StdMutex<HashMap<String, Slot>>,
+    slots: StdMutex<Slots>,
     appended: Arc<Notify>,
 }
 
@@ -69,7 +78,13 @@ impl Ledger {
                 SNAPSHOT_EVERY,
             ),
             plain: PersistedEventStore::new_event_store(PostgresEventRepository::new(pool)),
-            slots: StdMutex::new(HashMap::new()),
+            slots: StdMutex::new(Slots {
+                busy: HashMap::new(),
+                idle: lru::LruCache::new(
+                    std::num::NonZeroUsize::new(KEEP_IDLE_ACCOUNTS)
+                        .unwrap_or(std::num::NonZeroUsize::MIN),
+                ),
+            }),
             appended: Arc::new(Notify::new()),
         }
     }
@@ -114,23 +129,27 @@ impl Ledger {
         cached: &mut Option<Cached>,
     ) -> Result<Committed, ExecuteError> {
         for attempt in 0..MAX_ATTEMPTS {
-            let current = match cached.take() {
-                Some(c) => c,
+            let (current, fresh) = match cached.take() {
+                Some(c) => (c, false),
                 None => {
                     let ctx = self
                         .store
                         .load_aggregate(account.as_str())
                         .await
                         .map_err(store_error)?;
-                    Cached {
+                    let loaded = Cached {
                         aggregate: ctx.aggregate,
                         sequence: ctx.current_sequence,
                         snapshot: ctx.current_snapshot,
-                    }
+                    };
+                    (loaded, true)
                 }
             };
             let events = match current.aggregate.decide(command.clone()) {
                 Ok(events) => events,
+                // Kept state may be behind another process's appends: a refusal is only
+                // final when decided on state just loaded from the journal.
+                Err(_) if !fresh => continue,
                 Err(refused) => {
                     *cached = Some(current);
                     return Err(refused.into());
@@ -183,18 +202,32 @@ impl Ledger {
 
     fn slot(&self, account: &str) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.entry(account.to_owned()).or_default().clone()
+        if let Some(slot) = slots.busy.get(account) {
+            return slot.clone();
+        }
+        let kept = slots.idle.pop(account);
+        let slot = Arc::new(Mutex::new(kept));
+        slots.busy.insert(account.to_owned(), slot.clone());
+        slot
     }
 
-    /// Forgets an account's slot (and its cached state) once nobody is queued on it, so
-    /// memory stays bounded by the number of busy accounts.
+    /// Retires an account's slot once nobody is queued on it, keeping its state among the
+    /// idle accounts, so memory stays bounded.
     fn release(&self, account: &str, slot: Slot) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         drop(slot);
-        if let Some(existing) = slots.get(account) {
-            // One reference in the map: no caller holds or waits for it.
-            if Arc::strong_count(existing) == 1 {
-                slots.remove(account);
+        let Some(existing) = slots.busy.get(account) else {
+            return;
+        };
+        // One reference, the map's: no caller holds or waits for it.
+        if Arc::strong_count(existing) != 1 {
+            return;
+        }
+        if let Some(slot) = slots.busy.remove(account) {
+            if let Ok(mut kept) = slot.try_lock() {
+                if let Some(state) = kept.take() {
+                    slots.idle.put(account.to_owned(), state);
+                }
             }
         }
     }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use credit_domain::{CreditAccount, CreditEvent};
 use cqrs_es::Aggregate;
+use credit_domain::{CreditAccount, CreditEvent};
 use deadpool_postgres::{Pool, Transaction};
 use futures::future::try_join_all;
 use tokio::sync::{watch, Notify};
@@ -147,11 +147,8 @@ impl Projector {
 
         apply_rows(&tx, &rows).await?;
 
-        tx.execute(
-            "DELETE FROM projection_outbox WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
+        tx.execute("DELETE FROM projection_outbox WHERE id = ANY($1)", &[&ids])
+            .await?;
         if interrupt == Some(Interrupt::BeforeCommit) {
             // Dropping the transaction rolls it back, exactly as a killed process would.
             anyhow::bail!("projection interrupted before commit");

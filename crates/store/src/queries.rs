@@ -1,8 +1,8 @@
 //! Read queries on the read side (deadpool): what the HTTP layer and tools show.
 
 use chrono::{DateTime, Utc};
-use credit_domain::{CreditAccount, CreditEvent};
 use cqrs_es::Aggregate;
+use credit_domain::{CreditAccount, CreditEvent};
 use serde::Serialize;
 use tokio_postgres::types::Json;
 use tokio_postgres::Client;

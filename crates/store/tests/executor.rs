@@ -33,7 +33,11 @@ async fn fifty_concurrent_deductions_on_two_hundred_credits() {
             Err(e) => other.push(e.to_string()),
         }
     }
-    assert_eq!((ok, insufficient), (20, 30), "unexpected failures: {other:?}");
+    assert_eq!(
+        (ok, insufficient),
+        (20, 30),
+        "unexpected failures: {other:?}"
+    );
     assert!(other.is_empty());
 
     env.projector.drain().await.unwrap();
@@ -114,8 +118,9 @@ async fn snapshots_load_the_same_state_as_a_replay() {
         .await
         .unwrap();
     for row in &rows {
-        let tokio_postgres::types::Json(e): tokio_postgres::types::Json<credit_domain::CreditEvent> =
-            row.get(0);
+        let tokio_postgres::types::Json(e): tokio_postgres::types::Json<
+            credit_domain::CreditEvent,
+        > = row.get(0);
         replayed.apply_event(e);
     }
     assert_eq!(seq, rows.len());
@@ -153,7 +158,10 @@ async fn refused_commands_write_nothing() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, ExecuteError::Rejected(LedgerError::UnknownRecharge { .. })));
+    assert!(matches!(
+        err,
+        ExecuteError::Rejected(LedgerError::UnknownRecharge { .. })
+    ));
     let client = env.test.client().await;
     let n: i64 = client
         .query_one("SELECT count(*) FROM events", &[])
@@ -161,4 +169,43 @@ async fn refused_commands_write_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(n, 0);
+}
+
+/// State kept in memory by one process may be behind another's appends: a command refused
+/// on kept state is decided again on fresh state, and a commit on stale state retries.
+#[tokio::test]
+async fn kept_state_never_causes_a_wrong_refusal_or_a_lost_write() {
+    let env = env().await;
+    let other = credit_store::Ledger::new(env.test.db.write.clone());
+    let erin = user("erin");
+    // This process learns erin's account with 0 credits...
+    assert!(env.run(&erin, deduct("t0")).await.is_err());
+    // ...another process recharges it...
+    other
+        .execute(&erin, request("r1", 100), Default::default())
+        .await
+        .unwrap();
+    other
+        .execute(
+            &erin,
+            CreditCommand::CompleteRecharge {
+                recharge_id: "r1".into(),
+                amount_fen: 100,
+                currency: "cny".into(),
+                payment_id: "pi".into(),
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    // ...and this process must see the credits, not refuse on what it remembered.
+    let done = env.run(&erin, deduct("t1")).await.unwrap();
+    assert_eq!(done.state.balance(), 90);
+    // The other process's kept state is now stale too: its commit conflicts and retries.
+    let done = other
+        .execute(&erin, deduct("t2"), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(done.state.balance(), 80);
+    assert_eq!(done.sequence, 4);
 }
