@@ -361,6 +361,12 @@
     tasks: [],
     taskTimer: null,
     balanceTimer: null,
+    burstTimer: null,
+    // A balance the API just answered with (after a command), preferred for a moment over
+    // /api/stats, whose read tables follow the journal a few milliseconds later.
+    pinned: null,
+    // Tasks this page created that the task list may not show yet (same reason).
+    localTasks: new Map(),
     history: { tab: 'recharge', cursors: [null], page: 0, next: null },
     audit: { userId: null, events: [] },
     chartMode: 'time',
@@ -750,6 +756,9 @@
     localStorage.removeItem(STORE.token);
     clearInterval(state.balanceTimer);
     clearTimeout(state.taskTimer);
+    clearTimeout(state.burstTimer);
+    state.localTasks.clear();
+    state.pinned = null;
     state.balanceTimer = null;
     state.taskTimer = null;
     closeRecharge();
@@ -765,7 +774,8 @@
   function applyStats(stats) {
     if (!stats || typeof stats !== 'object') return;
     state.stats = stats;
-    if (typeof stats.credits === 'number') state.balance = stats.credits;
+    const pinned = state.pinned && Date.now() < state.pinned.until ? state.pinned : null;
+    if (typeof stats.credits === 'number' && (!pinned || stats.credits === pinned.value)) state.balance = stats.credits;
     if (typeof stats.user_id === 'string' && stats.user_id) {
       state.userId = stats.user_id;
       setSignedInChrome();
@@ -774,10 +784,25 @@
     renderRechargeForm();
   }
 
+  /** Shows a balance the API answered a command with; stale reads do not undo it for 1.5 s. */
   function setBalance(credits) {
     if (typeof credits !== 'number') return;
     state.balance = credits;
+    state.pinned = { value: credits, until: Date.now() + 1500 };
     renderStats();
+  }
+
+  /** After an action: the read side catches up within moments, so look again a few times. */
+  function refreshBalanceSoon() {
+    clearTimeout(state.burstTimer);
+    const delays = [250, 750, 1500, 3000, 6000];
+    let i = 0;
+    const tick = async () => {
+      await refreshBalance();
+      i += 1;
+      if (i < delays.length && state.token) state.burstTimer = setTimeout(tick, delays[i]);
+    };
+    state.burstTimer = setTimeout(tick, delays[0]);
   }
 
   async function refreshBalance() {
@@ -924,6 +949,7 @@
         toast(t('recharge.pending'));
       }
       await refreshBalance();
+      refreshBalanceSoon();
       if (currentView() === 'history') loadHistory();
       if (currentView() === 'chart') loadUserChart();
     } catch (e) {
@@ -993,8 +1019,23 @@
       if (data && typeof data.credits === 'number') setBalance(data.credits);
       toast(t('video.submitted', { cost: fmtInt(Number(data && data.credits_charged)) }), 'success');
       $('#video-prompt').value = '';
+      if (data && data.task_id) {
+        state.localTasks.set(data.task_id, {
+          task_id: data.task_id,
+          status: data.status || 'processing',
+          progress: 0,
+          prompt,
+          video_url: null,
+          failure_reason: null,
+          credits_charged: data.credits_charged,
+          refunded: false,
+          created_at: new Date().toISOString(),
+          completed_at: null,
+          _added: Date.now(),
+        });
+      }
       await loadTasks();
-      refreshBalance();
+      refreshBalanceSoon();
     } catch (e) {
       if (e.code === 'insufficient_credits') {
         const required = typeof e.body.required === 'number' ? e.body.required : videoCost();
@@ -1004,7 +1045,7 @@
         show($('#insufficient-credits'), true);
       } else if (e.code === 'provider_error') {
         setError(errNode, e.body.refunded ? t('video.providerRefunded') : t('video.providerError'));
-        refreshBalance();
+        refreshBalanceSoon();
         loadTasks();
       } else {
         setError(errNode, e.message);
@@ -1022,6 +1063,12 @@
     try {
       const data = await api(withQuery('/api/video/tasks', { limit: 50 }));
       const tasks = (data && Array.isArray(data.records)) ? data.records : [];
+      // Keep showing a just-created task until the list has it (for at most a minute).
+      const listed = new Set(tasks.map((x) => x.task_id));
+      for (const [id, local] of state.localTasks) {
+        if (listed.has(id) || Date.now() - local._added > 60000) state.localTasks.delete(id);
+        else tasks.unshift(local);
+      }
       const before = new Map(state.tasks.map((x) => [x.task_id, x]));
       let settled = false;
       for (const task of tasks) {
@@ -1035,7 +1082,7 @@
       }
       state.tasks = tasks;
       renderTasks();
-      if (settled) refreshBalance();
+      if (settled) refreshBalanceSoon();
     } catch (_) {
       // Keep the last list; the next poll or refresh tries again.
     }
@@ -1401,7 +1448,7 @@
       await loadAuditEvents();
       out.className = 'result success';
       setError(out, t('audit.adjustDone', { credits: fmtSigned(credits) }));
-      if (userId === state.userId) refreshBalance();
+      if (userId === state.userId) refreshBalanceSoon();
     } catch (e) {
       setError(out, e.message);
     } finally {

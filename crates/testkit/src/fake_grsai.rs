@@ -96,6 +96,8 @@ struct State {
     polls: Mutex<HashMap<String, PollAnswer>>,
     requests: Mutex<Vec<RecordedRequest>>,
     next_id: AtomicU64,
+    /// Off for load benchmarks, where keeping every request would only cost memory.
+    no_recording: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,6 +146,13 @@ impl FakeGrsai {
             state,
             handle,
         }
+    }
+
+    /// Like [`FakeGrsai::start`], but keeps no record of requests (for load benchmarks).
+    pub async fn start_without_recording() -> Self {
+        let fake = Self::start().await;
+        fake.state.no_recording.store(true, Ordering::Relaxed);
+        fake
     }
 
     /// `http://127.0.0.1:<port>`, to configure the client with.
@@ -207,12 +216,14 @@ async fn prelude(state: &State, req: &HttpRequest, body: &[u8]) -> (Option<HttpR
             )
         })
         .collect();
-    lock(&state.requests).push(RecordedRequest {
+    if !state.no_recording.load(Ordering::Relaxed) {
+        lock(&state.requests).push(RecordedRequest {
         method: req.method().as_str().to_owned(),
         path: req.path().to_owned(),
-        headers,
-        body: json.clone(),
-    });
+            headers,
+            body: json.clone(),
+        });
+    }
 
     let mode = lock(&state.mode).clone();
     match mode {
