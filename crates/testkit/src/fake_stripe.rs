@@ -379,7 +379,14 @@ async fn create_session(
     if let Some(key) = &key {
         let previous = lock(&state.idempotency).get(key).cloned();
         if let Some(previous) = previous {
-            if previous.form != recorded.form {
+            // Stripe compares the parameters, not their order in the body (async-stripe
+            // writes metadata from a HashMap, so the order differs between requests).
+            let sorted = |form: &[(String, String)]| {
+                let mut form = form.to_vec();
+                form.sort();
+                form
+            };
+            if sorted(&previous.form) != sorted(&recorded.form) {
                 return stripe_error(
                     400,
                     "idempotency_error",

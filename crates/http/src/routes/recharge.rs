@@ -176,7 +176,7 @@ pub async fn create(
                 .await;
             match checkout {
                 Ok(session) => {
-                    state
+                    let attached = state
                         .ledger
                         .execute(
                             &user,
@@ -187,7 +187,23 @@ pub async fn create(
                             },
                             meta,
                         )
-                        .await?
+                        .await;
+                    match attached {
+                        Ok(done) => done,
+                        // A concurrent retry with the same Idempotency-Key attached the
+                        // (same, idempotent) session first: answer with the recharge as it is.
+                        Err(ExecuteError::Rejected(LedgerError::RechargeNotPending { .. })) => {
+                            let (account, _) = state.ledger.load(&user).await?;
+                            let recharge =
+                                account.recharge(&recharge_id).cloned().unwrap_or(recharge);
+                            return Ok(HttpResponse::Ok().json(recharge_body(
+                                &recharge_id,
+                                &recharge,
+                                account.balance(),
+                            )));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, recharge.id = %recharge_id, "checkout creation failed");

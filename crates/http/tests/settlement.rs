@@ -1,0 +1,132 @@
+//! The settlement job: tasks whose callback never came are polled at Grsai and settled; tasks
+//! charged but never submitted are refunded. No credit stays charged forever.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::fake_grsai::{failed_result, running_result, succeeded_result, RESULT_PATH};
+use common::*;
+use credit_domain::{CreditCommand, UserId, VideoSpec};
+
+async fn settling_app() -> TestApp {
+    TestApp::spawn_with(&[("SETTLEMENT_INTERVAL", "100ms"), ("TASK_POLL_AFTER", "1s")]).await
+}
+
+#[tokio::test]
+async fn stuck_tasks_are_polled_and_settled_as_the_callback_would() {
+    let app = settling_app().await;
+    let u = user("stuck");
+    app.grant(&u, 40).await;
+    let token = app.token(&u);
+    let ok = app.generate_ok(&token, "will succeed").await;
+    let failed = app.generate_ok(&token, "will fail").await;
+    let lost = app.generate_ok(&token, "provider forgot").await;
+    let running = app.generate_ok(&token, "still running").await;
+    let pid = |t: &str| {
+        let t = t.to_owned();
+        let app = &app;
+        let token = token.clone();
+        async move { app.provider_id(&token, &t).await }
+    };
+    let (p_ok, p_failed, p_lost, p_running) = (
+        pid(&ok).await,
+        pid(&failed).await,
+        pid(&lost).await,
+        pid(&running).await,
+    );
+    app.grsai()
+        .set_poll_result(&p_ok, succeeded_result(&p_ok, "https://cdn.example/ok.mp4"));
+    app.grsai().set_poll_result(
+        &p_failed,
+        failed_result(&p_failed, "output_moderation", "no"),
+    );
+    app.grsai().set_poll_not_found(&p_lost);
+    app.grsai()
+        .set_poll_result(&p_running, running_result(&p_running, 30));
+
+    let t = app
+        .wait_for_task(&token, &ok, |t| t["status"] == "succeeded")
+        .await;
+    assert_eq!(t["video_url"], "https://cdn.example/ok.mp4");
+    assert_eq!(t["refunded"], false);
+    let t = app
+        .wait_for_task(&token, &failed, |t| t["refunded"] == true)
+        .await;
+    assert_eq!(t["status"], "failed");
+    assert_eq!(t["failure_reason"], "output_moderation");
+    let t = app
+        .wait_for_task(&token, &lost, |t| t["refunded"] == true)
+        .await;
+    assert_eq!(t["status"], "failed");
+    assert_eq!(t["failure_reason"], "provider_lost");
+    let t = app
+        .wait_for_task(&token, &running, |t| t["progress"] == 30)
+        .await;
+    assert_eq!(t["status"], "processing");
+    assert_eq!(t["refunded"], false);
+
+    // 40 - 4 * 10 + 2 refunds.
+    app.wait_for_balance(&token, 20).await;
+    let polled = app.grsai().requests_to(RESULT_PATH);
+    assert!(polled.iter().any(|r| r.body["id"] == p_ok.as_str()));
+    assert_eq!(polled[0].bearer_token(), Some(GRSAI_KEY));
+
+    // Further passes refund nothing twice.
+    let polls = polled.len();
+    wait_for("another settlement pass", || async {
+        (app.grsai().requests_to(RESULT_PATH).len() > polls + 1).then_some(())
+    })
+    .await;
+    assert_eq!(app.events_of(&u, "CreditsRefunded").await, 2);
+    assert_eq!(app.stats(&token).await.i64("credits"), 20);
+}
+
+#[tokio::test]
+async fn a_task_charged_but_never_submitted_is_refunded() {
+    let app = settling_app().await;
+    let u = user("crashed");
+    app.grant(&u, 10).await;
+    let token = app.token(&u);
+
+    // What a process that died between the deduction and the Grsai call leaves behind.
+    let ledger = credit_store::Ledger::new(app.db.db.write.clone());
+    let account = UserId::parse(&u).unwrap();
+    ledger
+        .execute(
+            &account,
+            CreditCommand::DeductForTask {
+                task_id: "vid_orphan".into(),
+                credits: 10,
+                description: "Sora 2 video (10s, 9:16)".into(),
+                video: VideoSpec {
+                    model: "sora-2".into(),
+                    prompt: "never sent".into(),
+                    aspect_ratio: "9:16".into(),
+                    duration: 10,
+                    size: "small".into(),
+                    reference_url: None,
+                },
+                callback_token_sha256: "0".repeat(64),
+            },
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+    app.wait_for_balance(&token, 0).await;
+    let t = app
+        .wait_for_task(&token, "vid_orphan", |t| t["status"] == "pending")
+        .await;
+    assert_eq!(t["refunded"], false);
+
+    let t = app
+        .wait_for_task(&token, "vid_orphan", |t| t["refunded"] == true)
+        .await;
+    assert_eq!(t["status"], "failed");
+    assert_eq!(t["failure_reason"], "not_submitted");
+    app.wait_for_balance(&token, 10).await;
+    assert!(app.grsai().requests().is_empty());
+    assert_eq!(app.events_of(&u, "CreditsRefunded").await, 1);
+}
