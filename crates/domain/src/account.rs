@@ -11,7 +11,8 @@ use crate::ids::check_id;
 use crate::pricing::credits_for_fen;
 
 /// Free-text fields (reasons, descriptions, prompts) are bounded so an event stays small.
-const MAX_TEXT: usize = 4000;
+/// In bytes: 2000 characters of Chinese (3 bytes each in UTF-8) must fit a prompt.
+const MAX_TEXT: usize = 8192;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

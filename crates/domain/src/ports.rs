@@ -42,8 +42,10 @@ pub struct CheckoutSession {
 pub trait PaymentProvider: Send + Sync {
     /// The provider's name as recorded in `recharge_records.payment_method` (`stripe`, `demo`).
     fn name(&self) -> &'static str;
-    async fn create_checkout(&self, req: &CheckoutRequest)
-        -> Result<CheckoutSession, ProviderError>;
+    async fn create_checkout(
+        &self,
+        req: &CheckoutRequest,
+    ) -> Result<CheckoutSession, ProviderError>;
 }
 
 /// A video generation request as the service forwards it to the provider.

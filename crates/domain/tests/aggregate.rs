@@ -1075,7 +1075,7 @@ fn deduct_with_invalid_task_id_or_text_is_refused() {
             credits: 10,
             description: "Sora video".to_owned(),
             video: VideoSpec {
-                prompt: "x".repeat(4001),
+                prompt: "x".repeat(8193),
                 ..video()
             },
             callback_token_sha256: "ab".repeat(32),
@@ -1281,15 +1281,15 @@ fn failure_text_from_the_provider_is_kept_but_bounded() {
         .given(charged_t1())
         .when(CreditCommand::FailVideo {
             task_id: "t1".to_owned(),
-            failure_reason: "é".repeat(2500),
-            error_message: "x".repeat(5000),
+            failure_reason: "é".repeat(5000),
+            error_message: "x".repeat(9000),
         })
         .then_expect_events(vec![
             CreditEvent::VideoFailed {
                 task_id: "t1".to_owned(),
-                // 2 bytes a character: cut at the last whole character within 4000 bytes.
-                failure_reason: "é".repeat(2000),
-                error_message: "x".repeat(4000),
+                // 2 bytes a character: cut at the last whole character within 8192 bytes.
+                failure_reason: "é".repeat(4096),
+                error_message: "x".repeat(8192),
             },
             refunded("t1", 10, 100),
         ]);

@@ -216,6 +216,19 @@ impl Config {
             ));
         }
 
+        if stripe.is_some() && get("STRIPE_WEBHOOK_SECRET").is_none() {
+            return Err(err(
+                "STRIPE_WEBHOOK_SECRET",
+                "must be set when STRIPE_SECRET_KEY is: without it no payment is ever confirmed",
+            ));
+        }
+        // A task whose submission is still waiting for Grsai must not look abandoned.
+        if grsai.is_some() && task_poll_after <= grsai_timeout * 2 {
+            return Err(err(
+                "TASK_POLL_AFTER",
+                "must be more than twice GRSAI_TIMEOUT, or tasks still being submitted would be refunded",
+            ));
+        }
         let config = Self {
             database_url,
             listen_addr,

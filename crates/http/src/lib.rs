@@ -14,7 +14,7 @@ mod settlement;
 mod state;
 mod telemetry;
 
-pub use app::Application;
+pub use app::{Application, RunningApp};
 pub use config::Config;
 
 /// Reads the configuration from the environment and serves until Ctrl-C or SIGTERM.

@@ -12,7 +12,12 @@ use common::*;
 use credit_domain::{CreditCommand, UserId, VideoSpec};
 
 async fn settling_app() -> TestApp {
-    TestApp::spawn_with(&[("SETTLEMENT_INTERVAL", "100ms"), ("TASK_POLL_AFTER", "1s")]).await
+    TestApp::spawn_with(&[
+        ("SETTLEMENT_INTERVAL", "100ms"),
+        ("TASK_POLL_AFTER", "1s"),
+        ("GRSAI_TIMEOUT", "300ms"),
+    ])
+    .await
 }
 
 #[tokio::test]

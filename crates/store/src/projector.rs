@@ -331,7 +331,7 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
             provider_task_id,
         } => vec![(
             "UPDATE video_tasks SET provider_task_id = $2, status = 'processing'
-              WHERE id = $1 AND status = 'pending'",
+              WHERE id = $1 AND status IN ('pending', 'processing')",
             vec![p(task_id.clone()), p(provider_task_id.clone())],
         )],
         CreditEvent::VideoSucceeded {

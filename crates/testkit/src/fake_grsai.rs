@@ -218,8 +218,8 @@ async fn prelude(state: &State, req: &HttpRequest, body: &[u8]) -> (Option<HttpR
         .collect();
     if !state.no_recording.load(Ordering::Relaxed) {
         lock(&state.requests).push(RecordedRequest {
-        method: req.method().as_str().to_owned(),
-        path: req.path().to_owned(),
+            method: req.method().as_str().to_owned(),
+            path: req.path().to_owned(),
             headers,
             body: json.clone(),
         });

@@ -85,7 +85,7 @@ pub async fn adjust(
         ));
     }
     let adjustment_id = new_id(&req, "adj", &user)?;
-    let done = state
+    let done = match state
         .ledger
         .execute(
             &user,
@@ -97,7 +97,23 @@ pub async fn adjust(
             },
             metadata(&req),
         )
-        .await?;
+        .await
+    {
+        Ok(done) => done,
+        // A retry with the same Idempotency-Key: the adjustment was made once already.
+        Err(credit_store::ExecuteError::Rejected(
+            credit_domain::LedgerError::AdjustmentExists { .. },
+        )) => {
+            let (account, _) = state.ledger.load(&user).await?;
+            return Ok(HttpResponse::Ok().json(json!({
+                "adjustment_id": adjustment_id,
+                "user_id": user.as_str(),
+                "duplicate": true,
+                "balance": account.balance(),
+            })));
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(HttpResponse::Created().json(json!({
         "adjustment_id": adjustment_id,
         "user_id": user.as_str(),

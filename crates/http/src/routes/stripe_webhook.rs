@@ -113,10 +113,19 @@ async fn handle(state: &AppState, event: &WebhookEvent) -> Result<&'static str, 
             run(state, &user, command, meta).await
         }
         (EventData::ChargeRefunded(charge), _) => {
-            let Some((user, recharge_id)) =
-                recharge_by_payment(state, charge.payment_intent.as_deref()).await?
-            else {
-                return Ok("ignored_unknown_charge");
+            let from_metadata = match (
+                charge.metadata.get("user_id"),
+                charge.metadata.get("recharge_id"),
+            ) {
+                (Some(u), Some(r)) => UserId::parse(u).ok().map(|u| (u, r.clone())),
+                _ => None,
+            };
+            let found = match from_metadata {
+                Some(found) => Some(found),
+                None => recharge_by_payment(state, charge.payment_intent.as_deref()).await?,
+            };
+            let Some((user, recharge_id)) = found else {
+                return unknown_charge(state).await;
             };
             let command = CreditCommand::ReverseRecharge {
                 recharge_id,
@@ -130,7 +139,7 @@ async fn handle(state: &AppState, event: &WebhookEvent) -> Result<&'static str, 
             let Some((user, recharge_id)) =
                 recharge_by_payment(state, dispute.payment_intent.as_deref()).await?
             else {
-                return Ok("ignored_unknown_charge");
+                return unknown_charge(state).await;
             };
             let command = CreditCommand::ReverseRecharge {
                 recharge_id,
@@ -197,6 +206,22 @@ async fn recharge_of(
     Ok(row
         .and_then(|r| UserId::parse(&r.get::<_, String>(0)).ok())
         .map(|u| (u, recharge_id)))
+}
+
+/// A charge we cannot match to a recharge. If the projections are still catching up, the
+/// recharge may simply not be visible yet: answer 503 so Stripe delivers again later.
+/// Otherwise it is not ours (another integration on the same Stripe account): acknowledge.
+async fn unknown_charge(state: &AppState) -> Result<&'static str, ApiError> {
+    let client = state.read().await?;
+    let lag = credit_store::projector::lag(&client).await?;
+    if lag.pending_events > 0 {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "projection_behind",
+            "the charge's recharge is not visible yet; deliver again later",
+        ));
+    }
+    Ok("ignored_unknown_charge")
 }
 
 async fn recharge_by_payment(
