@@ -6,6 +6,7 @@
 
 mod app;
 mod auth;
+mod body;
 pub mod config;
 mod error;
 mod money;

@@ -226,9 +226,9 @@ async fn recharge_refuses_bad_bodies() {
         ("{\"amount\": 10,}", 400, "malformed_json"),
         ("", 400, "malformed_json"),
         ("{}", 400, "invalid_body"),
-        // Note: serde's derive also reads a struct from a JSON array (`[10]` is taken as
-        // `{"amount": 10}`), so arrays are not listed here.
+        // serde's derive would read a struct from an array: the body must be an object.
         ("[]", 400, "invalid_body"),
+        ("[10]", 400, "invalid_body"),
         ("10", 400, "invalid_body"),
         (r#"{"amount": "10"}"#, 400, "invalid_amount"),
         (r#"{"amount": null}"#, 400, "invalid_amount"),
@@ -361,6 +361,7 @@ async fn generate_refuses_bad_bodies() {
         ("{", "malformed_json"),
         ("", "malformed_json"),
         ("\"x\"", "invalid_body"),
+        ("[\"a cat\"]", "invalid_body"),
     ] {
         let r = app
             .post_raw("/api/video/generate", Some(&token), body)

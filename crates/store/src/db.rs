@@ -67,8 +67,10 @@ fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
         .context("DATABASE_URL is not a valid PostgreSQL URL")
 }
 
-/// Creates the target database when it does not exist (connecting to `postgres` to do so).
-pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
+/// A connection to the server's `postgres` database, and the name of the one in `url`.
+async fn maintenance(
+    url: &str,
+) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>, String)> {
     let config = pg_config(url)?;
     let name = config
         .get_dbname()
@@ -80,7 +82,15 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
         .connect(NoTls)
         .await
         .context("connecting to PostgreSQL")?;
-    let conn = tokio::spawn(connection);
+    let conn = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, conn, name))
+}
+
+/// Creates the target database when it does not exist (connecting to `postgres` to do so).
+pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
+    let (client, conn, name) = maintenance(url).await?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?
@@ -104,15 +114,7 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
 
 /// Drops a database (tests and tools only).
 pub async fn drop_database(url: &str) -> anyhow::Result<()> {
-    let config = pg_config(url)?;
-    let name = config
-        .get_dbname()
-        .context("DATABASE_URL names no database")?
-        .to_owned();
-    let mut maintenance = config.clone();
-    maintenance.dbname("postgres");
-    let (client, connection) = maintenance.connect(NoTls).await?;
-    let conn = tokio::spawn(connection);
+    let (client, conn, name) = maintenance(url).await?;
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     client
         .batch_execute(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))

@@ -68,7 +68,7 @@ pub async fn adjust(
     _admin: Admin,
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Json<AdjustRequest>,
+    body: crate::body::Body<AdjustRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let user = account(&path)?;
     if body.credits == 0 || body.credits.unsigned_abs() > 1_000_000_000 {

@@ -128,7 +128,7 @@ struct DevTokenRequest {
 /// when no `AUTH_JWT_SECRET` is configured (and so only on loopback).
 async fn dev_token(
     state: web::Data<AppState>,
-    body: web::Json<DevTokenRequest>,
+    body: crate::body::Body<DevTokenRequest>,
 ) -> Result<HttpResponse, ApiError> {
     if !state.demo_auth {
         return Err(ApiError::not_found(
@@ -184,6 +184,18 @@ impl Page {
             created_at,
             id: id.to_owned(),
         }))
+    }
+}
+
+impl Page {
+    /// `(limit, created_at, id)` for a keyset query: `(created_at, id) < ($at, $id)` when a
+    /// cursor was given; rows are fetched with `limit + 1` to know whether more follow.
+    pub fn keyset(&self) -> Result<(i64, Option<DateTime<Utc>>, Option<String>), ApiError> {
+        let limit = self.limit()?;
+        let (at, id) = self
+            .cursor()?
+            .map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
+        Ok((limit, at, id))
     }
 }
 

@@ -74,7 +74,7 @@ pub async fn create(
     state: web::Data<AppState>,
     user: AuthUser,
     req: HttpRequest,
-    body: web::Json<RechargeRequest>,
+    body: crate::body::Body<RechargeRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let user = user.0;
     let c = &state.config;
@@ -239,9 +239,7 @@ pub async fn list(
     user: AuthUser,
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = page.limit()?;
-    let cursor = page.cursor()?;
-    let (at, id) = cursor.map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
+    let (limit, at, id) = page.keyset()?;
     let client = state.read().await?;
     let rows = client
         .query(

@@ -97,7 +97,7 @@ pub async fn generate(
     state: web::Data<AppState>,
     user: AuthUser,
     req: HttpRequest,
-    body: web::Json<GenerateRequest>,
+    body: crate::body::Body<GenerateRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let user = user.0;
     let video = body.into_inner().validate()?;
@@ -356,10 +356,7 @@ pub async fn list(
     user: AuthUser,
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = page.limit()?;
-    let (at, id) = page
-        .cursor()?
-        .map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
+    let (limit, at, id) = page.keyset()?;
     let client = state.read().await?;
     let rows = client
         .query(
@@ -401,10 +398,7 @@ pub async fn consumption(
     user: AuthUser,
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = page.limit()?;
-    let (at, id) = page
-        .cursor()?
-        .map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
+    let (limit, at, id) = page.keyset()?;
     let client = state.read().await?;
     let rows = client
         .query(
