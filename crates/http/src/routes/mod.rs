@@ -187,10 +187,13 @@ impl Page {
     }
 }
 
+/// `(limit, created_at, id)` of a keyset page.
+pub type Keyset = (i64, Option<DateTime<Utc>>, Option<String>);
+
 impl Page {
     /// `(limit, created_at, id)` for a keyset query: `(created_at, id) < ($at, $id)` when a
     /// cursor was given; rows are fetched with `limit + 1` to know whether more follow.
-    pub fn keyset(&self) -> Result<(i64, Option<DateTime<Utc>>, Option<String>), ApiError> {
+    pub fn keyset(&self) -> Result<Keyset, ApiError> {
         let limit = self.limit()?;
         let (at, id) = self
             .cursor()?

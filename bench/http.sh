@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# HTTP benchmark: the release service against a local fake Grsai that answers at once,
+# 10,000 users, wrk as the load generator; then, in the same run, the plain-SQL baseline
+# of the core benchmark for the ratio. Usage: bash bench/http.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+cargo build --release -q -p credit-ledger -p credit-testkit --bin credit-ledger --bin fake-grsai
+
+out=target/bench; mkdir -p "$out"
+db="credit_ledger_httpbench_$$"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+secret="bench-jwt-secret-$(head -c8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+admin="bench-admin-$(head -c8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+
+target/release/fake-grsai > "$out/fake-grsai.url" &
+fake_pid=$!
+cleanup() {
+  kill "${svc_pid:-}" "$fake_pid" 2>/dev/null || true
+  wait 2>/dev/null || true
+  psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+for _ in $(seq 50); do [ -s "$out/fake-grsai.url" ] && break; sleep 0.1; done
+
+DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db" LISTEN_ADDR="127.0.0.1:$port" \
+AUTH_JWT_SECRET="$secret" ADMIN_TOKEN="$admin" GRSAI_API_KEY=bench-key \
+GRSAI_API_BASE="$(cat "$out/fake-grsai.url")" RUST_LOG=warn \
+  target/release/credit-ledger serve > "$out/service.log" 2>&1 &
+svc_pid=$!
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+
+echo "== HTTP benchmark ($(nproc) cores, wrk -t2 -c${BENCH_CONNECTIONS:-32} -d${BENCH_DURATION:-15s}) =="
+BENCH_BASE="http://127.0.0.1:$port" BENCH_JWT_SECRET="$secret" BENCH_ADMIN_TOKEN="$admin" \
+BENCH_PID="$svc_pid" python3 bench/http_bench.py
+
+echo "== plain-SQL baseline, same run =="
+cargo run --release -q -p credit-bench --bin ledger-bench -- --plain-only || echo "(plain-SQL baseline unavailable)"

@@ -1,0 +1,392 @@
+//! `ledger-bench`: how fast the ledger deducts compared with plain SQL (spread over many
+//! accounts and on one hot account, at 1 and at 16 workers, with the projector running in
+//! the same process), how far the projector lags, and how fast the audit replays a journal
+//! of a million events. Runs against a fresh database that it creates and drops.
+//!
+//! `cargo run --release -p credit-bench --bin ledger-bench -- --help`
+
+mod deductions;
+mod journal;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use credit_store::{db, Database, DbConfig, Ledger, Projector};
+use deductions::{Accounts, LagPeak, Run, Scenario};
+
+#[derive(Debug, Parser)]
+#[command(name = "ledger-bench")]
+struct Args {
+    /// Any database URL on the server to use; fresh databases are created beside it.
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    server: String,
+    /// Seconds each timed run lasts.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Accounts of the spread scenario.
+    #[arg(long, default_value_t = 10_000)]
+    accounts: usize,
+    /// Worker counts to run each scenario at.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    workers: Vec<usize>,
+    /// Events in the journal the audit replays (0 skips the audit part).
+    #[arg(long, default_value_t = 1_000_000)]
+    audit_events: usize,
+    /// Accounts in that journal.
+    #[arg(long, default_value_t = 10_000)]
+    audit_accounts: usize,
+    /// Connections of the ledger's journal pool (sqlx).
+    #[arg(long, default_value_t = 20)]
+    write_connections: u32,
+    /// Connections of the read pool (projector, lag sampler).
+    #[arg(long, default_value_t = 8)]
+    read_connections: usize,
+    /// Experiment: the projector's connections commit with `synchronous_commit = off`
+    /// (safe for a projection: a lost commit leaves its outbox rows, and it is redone).
+    #[arg(long)]
+    projector_async_commit: bool,
+    /// Skip the deduction runs (audit part only).
+    #[arg(long)]
+    skip_deductions: bool,
+}
+
+struct Row {
+    scenario: Scenario,
+    workers: usize,
+    ledger: Run,
+    plain: Run,
+    lag: LagPeak,
+    catch_up: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    println!(
+        "ledger-bench: {} s per run, {} spread accounts, workers {:?}, {} cpus{}",
+        args.seconds,
+        args.accounts,
+        args.workers,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if args.projector_async_commit {
+            ", projector commits asynchronously"
+        } else {
+            ""
+        }
+    );
+    let mut rows = Vec::new();
+    if !args.skip_deductions {
+        let url = fresh_url(&args.server, "deductions")?;
+        let result = deductions(&args, &url).await;
+        db::drop_database(&url).await?;
+        rows = result?;
+        print_table(&rows);
+    }
+    let audit = if args.audit_events > 0 {
+        let url = fresh_url(&args.server, "audit")?;
+        let result = audit(&args, &url).await;
+        db::drop_database(&url).await?;
+        Some(result?)
+    } else {
+        None
+    };
+    print_verdict(&rows, audit);
+    Ok(())
+}
+
+fn fresh_url(server: &str, what: &str) -> anyhow::Result<String> {
+    let (base, _) = server
+        .rsplit_once('/')
+        .context("the server URL has no database part")?;
+    Ok(format!(
+        "{base}/credit_ledger_bench_{what}_{}",
+        std::process::id()
+    ))
+}
+
+async fn connect(args: &Args, url: &str) -> anyhow::Result<Database> {
+    let mut config = DbConfig::new(url);
+    config.write_connections = args.write_connections;
+    config.read_connections = args.read_connections;
+    let database = Database::connect_and_migrate(&config).await?;
+    if !args.projector_async_commit {
+        return Ok(database);
+    }
+    database.read.close();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let read_url = format!("{url}{separator}options=-c%20synchronous_commit%3Doff");
+    Ok(Database {
+        write: database.write,
+        read: db::read_pool(&read_url, args.read_connections)?,
+    })
+}
+
+async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
+    let database = connect(args, url).await?;
+    let setup = database.read.get().await?;
+    let max_workers = args.workers.iter().copied().max().unwrap_or(1);
+    let plain_pool = db::read_pool(url, max_workers)?;
+
+    // Funding, through the same journal and projector the service uses.
+    let accounts = Arc::new(Accounts {
+        spread: (0..args.accounts).map(|i| format!("acct-{i:05}")).collect(),
+        hot: "hot-account".to_owned(),
+    });
+    let started = Instant::now();
+    const SPREAD_FUNDS: i64 = 10_000_000;
+    const HOT_FUNDS: i64 = 10_000_000_000;
+    journal::fund(&setup, &accounts.spread, SPREAD_FUNDS).await?;
+    journal::fund(&setup, std::slice::from_ref(&accounts.hot), HOT_FUNDS).await?;
+    setup.batch_execute(deductions::PLAIN_SCHEMA).await?;
+    setup
+        .execute(
+            "INSERT INTO balances (id, balance) SELECT unnest($1::text[]), $2",
+            &[&accounts.spread, &SPREAD_FUNDS],
+        )
+        .await?;
+    setup
+        .execute(
+            "INSERT INTO balances (id, balance) VALUES ($1, $2)",
+            &[&accounts.hot, &HOT_FUNDS],
+        )
+        .await?;
+    let ledger = Arc::new(Ledger::new(database.write.clone()));
+    let projector = Projector::new(database.read.clone(), ledger.appended());
+    projector.drain().await?;
+    setup.batch_execute("VACUUM ANALYZE").await?;
+    println!(
+        "setup: {} accounts funded and projected in {:.1} s",
+        args.accounts + 1,
+        started.elapsed().as_secs_f64()
+    );
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(projector.run(stopped));
+    let sampler = deductions::LagSampler::start(database.read.clone());
+    let duration = Duration::from_secs(args.seconds);
+    let mut rows = Vec::new();
+    print_header();
+    for scenario in [Scenario::Spread, Scenario::Hot] {
+        for &workers in &args.workers {
+            sampler.take();
+            let tag = format!("{}{workers}r{}", scenario.name(), rows.len());
+            let ledger_run = deductions::ledger_run(
+                ledger.clone(),
+                accounts.clone(),
+                scenario,
+                workers,
+                duration,
+                &tag,
+            )
+            .await?;
+            let catch_up = deductions::wait_for_projection(&database.read).await?;
+            let lag = sampler.take();
+            let plain = deductions::plain_run(
+                plain_pool.clone(),
+                accounts.clone(),
+                scenario,
+                workers,
+                duration,
+            )
+            .await?;
+            let row = Row {
+                scenario,
+                workers,
+                ledger: ledger_run,
+                plain,
+                lag,
+                catch_up,
+            };
+            print_row(&row);
+            rows.push(row);
+        }
+    }
+    sampler.stop();
+    let missed = sampler.errors.load(std::sync::atomic::Ordering::Relaxed);
+    if missed > 0 {
+        println!("lag sampler: {missed} samples failed");
+    }
+    stop.send(true)?;
+    running.await?;
+
+    // The ledger's own books must still balance after all that.
+    let report = credit_store::audit::run(&setup, None).await?;
+    println!(
+        "audit after the runs: ok={} over {} events ({} discrepancies)",
+        report.ok,
+        report.events_checked,
+        report.discrepancies.len()
+    );
+    for d in report.discrepancies.iter().take(10) {
+        println!("  {d}");
+    }
+    drop(setup);
+    database.read.close();
+    database.write.close().await;
+    plain_pool.close();
+    Ok(rows)
+}
+
+fn print_row(row: &Row) {
+    let ratio = row.ledger.rate() / row.plain.rate();
+    println!(
+        "{:<8} {:>7} {:>13.0} {:>12.0} {:>6.2} {:>8} {:>8} {:>12.3} {:>11} {:>10.2}",
+        row.scenario.name(),
+        row.workers,
+        row.ledger.rate(),
+        row.plain.rate(),
+        ratio,
+        row.ledger.failed,
+        row.plain.failed,
+        row.lag.seconds,
+        row.lag.pending,
+        row.catch_up.as_secs_f64()
+    );
+    for (what, run) in [("ledger", &row.ledger), ("plain", &row.plain)] {
+        if let Some(e) = &run.first_error {
+            println!("         first {what} failure: {e}");
+        }
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    print_header();
+    for row in rows {
+        print_row(row);
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:<8} {:>7} {:>13} {:>12} {:>6} {:>8} {:>8} {:>12} {:>11} {:>10}",
+        "scenario",
+        "workers",
+        "ledger ops/s",
+        "plain ops/s",
+        "ratio",
+        "failed",
+        "plain fl",
+        "max lag (s)",
+        "max pending",
+        "catch-up s"
+    );
+}
+
+struct AuditFigures {
+    events: u64,
+    build_seconds: f64,
+    project_seconds: f64,
+    audit_seconds: f64,
+    ok: bool,
+}
+
+impl AuditFigures {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.audit_seconds
+    }
+}
+
+async fn audit(args: &Args, url: &str) -> anyhow::Result<AuditFigures> {
+    let database = connect(args, url).await?;
+    let client = database.read.get().await?;
+    println!();
+    println!(
+        "audit: building a journal of {} events over {} accounts ...",
+        args.audit_events, args.audit_accounts
+    );
+    let started = Instant::now();
+    let events = journal::build(&client, args.audit_accounts, args.audit_events).await?;
+    let build_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "  journal written in {build_seconds:.1} s ({:.0} events/s through the hash trigger)",
+        events as f64 / build_seconds
+    );
+    let started = Instant::now();
+    let projector = Projector::new(database.read.clone(), Arc::new(tokio::sync::Notify::new()));
+    // `rebuild` (one outbox row per account) rather than `drain` over a million outbox
+    // rows: the drain applies every event within its first batches but then clears the
+    // outbox at only ~1,600 rows/s (see docs/BENCHMARKS.md).
+    let projected = credit_store::projector::rebuild(&projector).await?;
+    let project_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "  projected in {project_seconds:.1} s ({:.0} events/s by projector::rebuild)",
+        projected as f64 / project_seconds
+    );
+    client.batch_execute("VACUUM ANALYZE").await?;
+    let report = credit_store::audit::run(&client, None).await?;
+    println!(
+        "  audit::run: ok={} events={} accounts={} in {:.2} s = {:.0} events/s",
+        report.ok,
+        report.events_checked,
+        report.accounts_checked,
+        report.elapsed_seconds,
+        report.events_checked as f64 / report.elapsed_seconds
+    );
+    for d in report.discrepancies.iter().take(10) {
+        println!("  {d}");
+    }
+    drop(client);
+    database.read.close();
+    database.write.close().await;
+    Ok(AuditFigures {
+        events: report.events_checked,
+        build_seconds,
+        project_seconds,
+        audit_seconds: report.elapsed_seconds,
+        ok: report.ok,
+    })
+}
+
+fn print_verdict(rows: &[Row], audit: Option<AuditFigures>) {
+    println!();
+    println!("targets:");
+    let verdict = |met: bool| if met { "MET" } else { "NOT MET" };
+    for row in rows {
+        let ratio = row.ledger.rate() / row.plain.rate();
+        let failures_ok = row.scenario == Scenario::Spread || row.ledger.failed == 0;
+        println!(
+            "  {} x{:<2}: ledger/plain {:.2} (>= 0.5) {}; failed commands {} {}",
+            row.scenario.name(),
+            row.workers,
+            ratio,
+            verdict(ratio >= 0.5),
+            row.ledger.failed,
+            if row.scenario == Scenario::Hot {
+                verdict(failures_ok)
+            } else {
+                ""
+            }
+        );
+    }
+    if !rows.is_empty() {
+        let worst = rows.iter().map(|r| r.lag.seconds).fold(0.0, f64::max);
+        println!(
+            "  projector lag: max {worst:.3} s (< 1 s) {}",
+            verdict(worst < 1.0)
+        );
+    }
+    if let Some(a) = audit {
+        println!(
+            "  audit replay: {:.0} events/s over {} events (>= 100000) {}; ok={} (journal built in {:.1} s, projected in {:.1} s)",
+            a.rate(),
+            a.events,
+            verdict(a.rate() >= 100_000.0),
+            a.ok,
+            a.build_seconds,
+            a.project_seconds
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! The built `credit-ledger` binary against a fresh database: exit codes and output.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::Output;
+
+use credit_domain::{CreditCommand, UserId, VideoSpec};
+use credit_store::{Ledger, Projector};
+use credit_testkit::db::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credit-ledger");
+
+async fn credit_ledger(db_url: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// alice: recharged 500, two videos (one failed and refunded). bob: recharged 100.
+async fn ledger_with_history() -> TestDb {
+    let db = TestDb::new().await;
+    let ledger = Ledger::new(db.db.write.clone());
+    let run = |account: &'static str, cmd: CreditCommand| {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .execute(&UserId::parse(account).unwrap(), cmd, HashMap::new())
+                .await
+                .unwrap()
+        }
+    };
+    for (account, fen) in [("alice", 500), ("bob", 100)] {
+        let id = format!("{account}-r1");
+        run(
+            account,
+            CreditCommand::RequestRecharge {
+                recharge_id: id.clone(),
+                amount_fen: fen,
+                currency: "cny".into(),
+                credits_per_yuan: 100,
+                provider: "demo".into(),
+            },
+        )
+        .await;
+        run(
+            account,
+            CreditCommand::CompleteRecharge {
+                recharge_id: id,
+                amount_fen: fen,
+                currency: "cny".into(),
+                payment_id: format!("pi_{account}"),
+            },
+        )
+        .await;
+    }
+    for task in ["t1", "t2"] {
+        run("alice", deduct(task)).await;
+    }
+    run(
+        "alice",
+        CreditCommand::FailVideo {
+            task_id: "t2".into(),
+            failure_reason: "error".into(),
+            error_message: "boom".into(),
+        },
+    )
+    .await;
+    let projector = Projector::new(db.db.read.clone(), ledger.appended());
+    projector.drain().await.unwrap();
+    db
+}
+
+fn deduct(task_id: &str) -> CreditCommand {
+    CreditCommand::DeductForTask {
+        task_id: task_id.into(),
+        credits: 10,
+        description: "Sora 2 video".into(),
+        video: VideoSpec {
+            model: "sora-2".into(),
+            prompt: "a cat surfing".into(),
+            aspect_ratio: "9:16".into(),
+            duration: 10,
+            size: "small".into(),
+            reference_url: None,
+        },
+        callback_token_sha256: "00".repeat(32),
+    }
+}
+
+#[tokio::test]
+async fn audit_exits_zero_on_a_clean_database_and_one_after_tampering() {
+    let db = ledger_with_history().await;
+    let out = credit_ledger(&db.url, &["audit"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("events checked     8"), "{text}");
+    assert!(text.contains("result             OK"), "{text}");
+    assert!(
+        text.contains("recharged 600 - spent 20 + refunded 10 + granted 0 - reversed 0 = 590"),
+        "{text}"
+    );
+
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "UPDATE users SET credits = 1000000 WHERE id = 'bob';
+             DELETE FROM consumption_records WHERE id = 't1';",
+        )
+        .await
+        .unwrap();
+    let out = credit_ledger(&db.url, &["audit"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("FAILED: 2 discrepancies"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("projected_balance_mismatch account=bob sequence=2: ")),
+        "{text}"
+    );
+    let t1: i64 = client
+        .query_one(
+            "SELECT position FROM events WHERE payload->'CreditsDeducted'->>'task_id' = 't1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!(
+            "missing_record account=alice position={t1}: consumption_records row t1"
+        ))),
+        "{text}"
+    );
+
+    let out = credit_ledger(&db.url, &["audit", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["events_checked"], 8);
+    assert_eq!(json["discrepancies"].as_array().unwrap().len(), 2);
+    assert!(json["events_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn audit_balance_prints_the_balance_at_an_instant() {
+    let db = ledger_with_history().await;
+    let client = db.client().await;
+    // Right after alice's first deduction (sequence 3): 500 - 10.
+    let at: chrono::DateTime<chrono::Utc> = client
+        .query_one(
+            "SELECT recorded_at FROM events WHERE aggregate_id = 'alice' AND sequence = 3",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let at = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let out = credit_ledger(
+        &db.url,
+        &["audit", "balance", "--user", "alice", "--at", &at],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!("balance of alice at {at}: 490 credits (3 events)")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("CreditsDeducted") && l.contains("-10") && l.contains("490")),
+        "{text}"
+    );
+
+    let out = credit_ledger(
+        &db.url,
+        &[
+            "audit",
+            "balance",
+            "--user",
+            "alice",
+            "--at",
+            "2999-01-01T00:00:00Z",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["credits"], 490);
+    assert_eq!(json["events"].as_array().unwrap().len(), 6);
+
+    let out = credit_ledger(
+        &db.url,
+        &[
+            "audit",
+            "balance",
+            "--user",
+            "alice",
+            "--at",
+            "last tuesday",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "a bad instant is a usage error");
+}
+
+#[tokio::test]
+async fn projections_rebuild_repairs_the_read_tables() {
+    let db = ledger_with_history().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "UPDATE users SET credits = 0;
+             DELETE FROM recharge_records;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        credit_ledger(&db.url, &["audit"]).await.status.code(),
+        Some(1)
+    );
+    let out = credit_ledger(&db.url, &["projections", "rebuild"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).starts_with("projections rebuilt: 8 events applied"),
+        "{}",
+        stdout(&out)
+    );
+    let out = credit_ledger(&db.url, &["audit"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let credits: i64 = client
+        .query_one("SELECT credits FROM users WHERE id = 'alice'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(credits, 490);
+}
+
+#[tokio::test]
+async fn migrate_creates_the_database_and_is_idempotent() {
+    let server = credit_testkit::db::server_url();
+    let (server, _) = server.rsplit_once('/').unwrap();
+    let name = format!("credit_ledger_cli_{}", std::process::id());
+    let url = format!("{server}/{name}");
+    let first = credit_ledger(&url, &["migrate"]).await;
+    let second = credit_ledger(&url, &["migrate"]).await;
+    let audit = credit_ledger(&url, &["audit"]).await;
+    credit_store::db::drop_database(&url).await.unwrap();
+    assert_eq!(first.status.code(), Some(0));
+    assert_eq!(
+        stdout(&first),
+        "applied 0001_journal\napplied 0002_projections\nmigrations: 2 applied now\n"
+    );
+    assert_eq!(
+        stdout(&second),
+        "migrations: up to date (2 applied before)\n"
+    );
+    assert_eq!(audit.status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn tools_refuse_an_unmigrated_database() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute("DROP TABLE schema_migrations")
+        .await
+        .unwrap();
+    let out = credit_ledger(&db.url, &["audit"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("credit-ledger migrate"));
+}

@@ -1,0 +1,238 @@
+//! The audit against a real journal: clean on an untouched database, and each kind of
+//! tampering found, naming the account and the event.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use credit_store::audit::{AuditReport, Discrepancy};
+
+/// A projected history of 6 accounts × 6 tasks.
+async fn projected_env() -> Env {
+    let env = env().await;
+    populate(&env, 6, 6).await;
+    env.projector.drain().await.unwrap();
+    env
+}
+
+/// The position of an account's event with the given sequence.
+async fn position(env: &Env, account: &str, sequence: i64) -> i64 {
+    env.test
+        .client()
+        .await
+        .query_one(
+            "SELECT position FROM events WHERE aggregate_id = $1 AND sequence = $2",
+            &[&account, &sequence],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn find<'a>(report: &'a AuditReport, kind: &str) -> Vec<&'a Discrepancy> {
+    report
+        .discrepancies
+        .iter()
+        .filter(|d| d.kind == kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn untouched_database_audits_clean() {
+    let env = projected_env().await;
+    let report = env.audit().await;
+    assert!(report.ok, "{:#?}", report.discrepancies);
+    let client = env.test.client().await;
+    assert_eq!(
+        report.events_checked as i64,
+        count(&client, "SELECT count(*) FROM events").await
+    );
+    assert_eq!(report.accounts_checked, 6);
+    let t = &report.totals;
+    // 6 × 1,000 recharged; 6 tasks of 10 each spent; tasks 0 and 3 refunded.
+    assert_eq!((t.recharged, t.spent, t.refunded), (6000, 360, 120));
+    assert_eq!(t.balances, 6000 - 360 + 120);
+    assert_eq!(t.projected_balances, t.balances);
+}
+
+#[tokio::test]
+async fn tampered_projected_balance_is_found() {
+    let env = projected_env().await;
+    let client = env.test.client().await;
+    client
+        .execute(
+            "UPDATE users SET credits = credits + 1000 WHERE id = 'user-002'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let report = env.audit().await;
+    assert!(!report.ok);
+    let found = find(&report, "projected_balance_mismatch");
+    assert_eq!(found.len(), 1, "{:#?}", report.discrepancies);
+    let (_, last) = env.ledger.load(&user("user-002")).await.unwrap();
+    assert_eq!(found[0].account.as_deref(), Some("user-002"));
+    assert_eq!(found[0].sequence, Some(last as i64));
+    assert!(
+        found[0].detail.contains("users.credits is 1960") && found[0].detail.contains("says 960"),
+        "{}",
+        found[0]
+    );
+}
+
+#[tokio::test]
+async fn deleted_consumption_record_is_found() {
+    let env = projected_env().await;
+    let client = env.test.client().await;
+    let deducted: i64 = client
+        .query_one(
+            "SELECT sequence FROM events
+              WHERE aggregate_id = 'user-004' AND payload->'CreditsDeducted'->>'task_id' = 'user-004-t4'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "DELETE FROM consumption_records WHERE id = 'user-004-t4'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let report = env.audit().await;
+    assert!(!report.ok);
+    assert_eq!(report.discrepancies.len(), 1, "{:#?}", report.discrepancies);
+    let d = &report.discrepancies[0];
+    assert_eq!(d.kind, "missing_record");
+    assert_eq!(d.account.as_deref(), Some("user-004"));
+    assert_eq!(d.position, Some(position(&env, "user-004", deducted).await));
+    assert!(
+        d.detail.contains("consumption_records row user-004-t4"),
+        "{d}"
+    );
+}
+
+#[tokio::test]
+async fn edited_event_payload_is_found() {
+    let env = projected_env().await;
+    let client = env.test.client().await;
+    // A non-money field of an event in the middle of user-001's history. The trigger only
+    // runs on INSERT, so the stored hash stays the one of the original content.
+    let sequence: i64 = client
+        .query_one(
+            "UPDATE events SET payload = jsonb_set(payload, '{CreditsDeducted,description}', '\"x\"')
+              WHERE aggregate_id = 'user-001' AND payload->'CreditsDeducted'->>'task_id' = 'user-001-t2'
+              RETURNING sequence",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let report = env.audit().await;
+    assert!(!report.ok);
+    assert_eq!(report.discrepancies.len(), 1, "{:#?}", report.discrepancies);
+    let d = &report.discrepancies[0];
+    assert_eq!(d.kind, "hash_mismatch");
+    assert_eq!(d.account.as_deref(), Some("user-001"));
+    assert_eq!(d.sequence, Some(sequence));
+    assert_eq!(d.position, Some(position(&env, "user-001", sequence).await));
+    assert!(d.detail.starts_with("CreditsDeducted"), "{d}");
+}
+
+#[tokio::test]
+async fn edited_event_amount_is_found() {
+    let env = projected_env().await;
+    let client = env.test.client().await;
+    // A money field: the hash breaks and so does the balance arithmetic.
+    let sequence: i64 = client
+        .query_one(
+            "UPDATE events SET payload = jsonb_set(payload, '{CreditsDeducted,credits}', '1')
+              WHERE aggregate_id = 'user-003' AND payload->'CreditsDeducted'->>'task_id' = 'user-003-t1'
+              RETURNING sequence",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let report = env.audit().await;
+    assert!(!report.ok);
+    for kind in ["hash_mismatch", "balance_mismatch"] {
+        let found = find(&report, kind);
+        assert_eq!(found.len(), 1, "{kind}: {:#?}", report.discrepancies);
+        assert_eq!(found[0].account.as_deref(), Some("user-003"));
+        assert_eq!(found[0].sequence, Some(sequence));
+    }
+}
+
+#[tokio::test]
+async fn deleted_event_in_the_middle_of_a_history_is_found() {
+    let env = projected_env().await;
+    let client = env.test.client().await;
+    let (_, last) = env.ledger.load(&user("user-005")).await.unwrap();
+    let deleted: i64 = client
+        .query_one(
+            "DELETE FROM events
+              WHERE aggregate_id = 'user-005' AND payload->'CreditsDeducted'->>'task_id' = 'user-005-t2'
+              RETURNING sequence",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(deleted > 1 && (deleted as usize) < last, "in the middle");
+    let next = position(&env, "user-005", deleted + 1).await;
+
+    let report = env.audit().await;
+    assert!(!report.ok);
+    // The event after the hole: its sequence does not follow and its hash no longer chains.
+    for kind in ["sequence_gap", "hash_mismatch"] {
+        let found = find(&report, kind);
+        assert_eq!(found.len(), 1, "{kind}: {:#?}", report.discrepancies);
+        assert_eq!(found[0].account.as_deref(), Some("user-005"));
+        assert_eq!(found[0].sequence, Some(deleted + 1));
+        assert_eq!(found[0].position, Some(next));
+    }
+    assert!(find(&report, "sequence_gap")[0]
+        .detail
+        .contains(&format!("expected sequence {deleted}")));
+    // The money no longer adds up, and the projected record has no event any more.
+    assert_eq!(find(&report, "balance_mismatch").len(), 1);
+    assert_eq!(find(&report, "unknown_record").len(), 1);
+    assert!(report
+        .discrepancies
+        .iter()
+        .all(|d| d.account.is_none() || d.account.as_deref() == Some("user-005")));
+}
+
+#[tokio::test]
+async fn balance_at_an_instant_replays_up_to_it() {
+    let env = projected_env().await;
+    let client = env.test.client().await;
+    // Just after user-000's third event (the first deduction).
+    let at: chrono::DateTime<chrono::Utc> = client
+        .query_one(
+            "SELECT recorded_at FROM events WHERE aggregate_id = 'user-000' AND sequence = 3",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let balance = credit_store::audit::balance_at(&client, "user-000", at)
+        .await
+        .unwrap();
+    assert_eq!(balance.credits, 990);
+    assert_eq!(
+        balance
+            .events
+            .iter()
+            .map(|e| e.sequence)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let before = at - chrono::Duration::microseconds(1);
+    let earlier = credit_store::audit::balance_at(&client, "user-000", before)
+        .await
+        .unwrap();
+    assert_eq!(earlier.credits, 1000);
+}

@@ -1,0 +1,255 @@
+//! Crash safety of the projections: whatever happens between an append and its projection
+//! (the process dies, the projector's connection is killed mid-batch, two projectors race),
+//! the read tables end up equal to a replay of the journal, with no event missing and none
+//! applied twice.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use credit_store::projector::{self, Interrupt};
+use credit_store::Projector;
+use tokio::sync::Notify;
+
+/// A projector as a freshly started process would have: its own pool, no wake-ups.
+fn fresh_projector(env: &Env) -> Projector {
+    let pool = credit_store::db::read_pool(&env.test.url, 4).unwrap();
+    Projector::new(pool, Arc::new(Notify::new()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_between_append_and_projection_loses_nothing() {
+    let env = env().await;
+    // The projector never runs while the events are appended: as if the process died
+    // right after each commit, before its projection.
+    populate(&env, 30, 12).await;
+    let client = env.test.client().await;
+    let events = count(&client, "SELECT count(*) FROM events").await;
+    assert_eq!(count(&client, "SELECT count(*) FROM users").await, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_outbox").await,
+        events,
+        "every append left its outbox row"
+    );
+    let report = env.audit().await;
+    assert!(
+        report.ok,
+        "pending accounts are not discrepancies: {report:?}"
+    );
+    assert_eq!(report.accounts_pending_projection, 30);
+
+    // The restarted process.
+    let applied = fresh_projector(&env).drain().await.unwrap();
+    assert_eq!(applied as i64, events);
+    assert_projection_matches_journal(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn projection_interrupted_before_commit_is_redone_exactly_once() {
+    let env = env().await;
+    populate(&env, 10, 6).await;
+    env.projector.drain().await.unwrap();
+    let client = env.test.client().await;
+    let projected = dump(&client).await;
+
+    // More events, then a batch that writes everything and dies before its commit.
+    let more = account_ids(10);
+    for id in &more {
+        env.run(&user(id), deduct(&format!("{id}-late")))
+            .await
+            .unwrap();
+    }
+    let pending = count(&client, "SELECT count(*) FROM projection_outbox").await;
+    assert_eq!(pending, 10);
+    let err = env
+        .projector
+        .run_batch(Some(Interrupt::BeforeCommit))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("interrupted"), "{err:#}");
+    assert_eq!(
+        dump(&client).await,
+        projected,
+        "nothing of the batch is visible"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_outbox").await,
+        pending,
+        "the outbox rows are still there"
+    );
+
+    // Restart: everything applied, once.
+    assert_eq!(fresh_projector(&env).drain().await.unwrap(), 10);
+    assert_projection_matches_journal(&env).await;
+    assert_eq!(fresh_projector(&env).drain().await.unwrap(), 0);
+}
+
+/// Runs one projection batch while `lock_sql` (run first, in another transaction) holds a
+/// lock that makes the batch block on a statement starting with `blocked_on`; kills the
+/// projector's backend there, as a crash of its process or connection would.
+async fn kill_projector_blocked_on(env: &Env, lock_sql: &str, blocked_on: &str) {
+    let mut holder = env.test.client().await;
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute(lock_sql).await.unwrap();
+
+    let victim = fresh_projector(env);
+    let batch = tokio::spawn(async move { victim.run_batch(None).await });
+
+    let admin = env.test.client().await;
+    let pid: i32 = loop {
+        let row = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND query LIKE $1",
+                &[&format!("{blocked_on}%")],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get(0);
+        }
+        assert!(!batch.is_finished(), "the batch did not block");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let killed: bool = admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    let result = tokio::time::timeout(Duration::from_secs(10), batch)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(result.is_err(), "the killed batch cannot have committed");
+    lock.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn projector_killed_mid_batch_then_restarted_applies_each_event_once() {
+    let env = env().await;
+    populate(&env, 8, 3).await;
+    env.projector.drain().await.unwrap();
+    let client = env.test.client().await;
+
+    // Round 1: the worst moment. Every read-table write and the checkpoints are done, the
+    // batch waits to delete its outbox rows (the holder's SHARE lock admits the batch's
+    // row locks but not its DELETE) and is killed there.
+    populate_more(&env, "a").await;
+    let before = dump(&client).await;
+    let pending = count(&client, "SELECT count(*) FROM projection_outbox").await;
+    kill_projector_blocked_on(
+        &env,
+        "LOCK TABLE projection_outbox IN SHARE MODE",
+        "DELETE FROM projection_outbox",
+    )
+    .await;
+    assert_eq!(
+        dump(&client).await,
+        before,
+        "the killed batch left no trace"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_outbox").await,
+        pending
+    );
+
+    // Round 2: killed in the middle of the writes (some rows written, the rest queued
+    // behind a lock on video_tasks).
+    populate_more(&env, "b").await;
+    let pending = count(&client, "SELECT count(*) FROM projection_outbox").await;
+    kill_projector_blocked_on(
+        &env,
+        "LOCK TABLE video_tasks IN SHARE MODE",
+        "INSERT INTO video_tasks",
+    )
+    .await;
+    assert_eq!(dump(&client).await, before);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_outbox").await,
+        pending
+    );
+
+    // Restart and drain: each event exactly once.
+    let applied = fresh_projector(&env).drain().await.unwrap();
+    assert_eq!(applied as i64, pending);
+    assert_projection_matches_journal(&env).await;
+    let projected = dump(&client).await;
+    projector::rebuild(&fresh_projector(&env)).await.unwrap();
+    assert_eq!(
+        dump(&client).await,
+        projected,
+        "equal to a replay from scratch"
+    );
+}
+
+/// A deduction on every account (and one more task per account, failed and refunded).
+async fn populate_more(env: &Env, tag: &str) {
+    for id in account_ids(8) {
+        let account = user(&id);
+        let task = format!("{id}-{tag}");
+        env.run(&account, deduct(&task)).await.unwrap();
+        env.run(&account, fail(&task)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_concurrent_projectors_give_the_same_tables_as_one() {
+    let env = env().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Two projectors (two processes' worth) run while the events are appended, each woken
+    // by its own notifications and sweeps.
+    let first = tokio::spawn(fresh_projector(&env).run(stopped.clone()));
+    let second = tokio::spawn(fresh_projector(&env).run(stopped));
+    populate(&env, 40, 9).await;
+    let client = env.test.client().await;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while count(&client, "SELECT count(*) FROM projection_outbox").await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    stop.send(true).unwrap();
+    first.await.unwrap();
+    second.await.unwrap();
+
+    assert_projection_matches_journal(&env).await;
+    let concurrent = dump(&client).await;
+    projector::rebuild(&fresh_projector(&env)).await.unwrap();
+    assert_eq!(dump(&client).await, concurrent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_restores_tampered_tables() {
+    let env = env().await;
+    populate(&env, 12, 6).await;
+    env.projector.drain().await.unwrap();
+    let client = env.test.client().await;
+    let projected = dump(&client).await;
+
+    client
+        .batch_execute(
+            "UPDATE users SET credits = credits + 500 WHERE id = 'user-001';
+             DELETE FROM consumption_records WHERE id = 'user-002-t1';
+             UPDATE recharge_records SET status = 'failed' WHERE id = 'user-003-r1';
+             UPDATE video_tasks SET status = 'succeeded' WHERE id = 'user-004-t2';
+             DELETE FROM users WHERE id = 'user-005';
+             INSERT INTO users (id, credits) VALUES ('intruder', 1000000);",
+        )
+        .await
+        .unwrap();
+    assert!(!env.audit().await.ok);
+
+    let applied = projector::rebuild(&fresh_projector(&env)).await.unwrap();
+    assert_eq!(
+        applied as i64,
+        count(&client, "SELECT count(*) FROM events").await
+    );
+    assert_eq!(dump(&client).await, projected);
+    assert_projection_matches_journal(&env).await;
+}
