@@ -19,6 +19,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_projections",
         include_str!("../../../migrations/0002_projections.sql"),
     ),
+    (
+        "0003_outbox_account_index",
+        include_str!("../../../migrations/0003_outbox_account_index.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

@@ -147,8 +147,18 @@ impl Projector {
 
         apply_rows(&tx, &rows).await?;
 
-        tx.execute("DELETE FROM projection_outbox WHERE id = ANY($1)", &[&ids])
+tx.execute("DELETE FROM projection_outbox WHERE id = ANY($1)", &[&ids])
             .await?;
+        // Rows of these accounts outside the batch whose events are now applied too (a long
+        // backlog of one account): skip rows another projector holds, they are its work.
+        tx.execute(
+            "DELETE FROM projection_outbox WHERE id IN (
+                 SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
+                  WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
+                    FOR UPDATE OF o SKIP LOCKED)",
+            &[&accounts],
+        )
+        .await?;
         if interrupt == Some(Interrupt::BeforeCommit) {
             // Dropping the transaction rolls it back, exactly as a killed process would.
             anyhow::bail!("projection interrupted before commit");
@@ -221,7 +231,9 @@ fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Box<dyn ToSql + Sync + Send> {
     Box::new(v)
 }
 
-/// The read-table writes one event causes.
+/// The read-table writes one event causes. Inserts skip an id that exists already: ids are
+/// unique UUIDs, and if one were ever claimed by two accounts the audit reports the record
+/// mismatch, instead of the projector stalling on that event forever.
 fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
     let at = row.recorded_at;
     let user = row.account.clone();
@@ -236,7 +248,8 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
         } => vec![(
             "INSERT INTO recharge_records (id, user_id, amount, amount_fen, currency, credits,
                  credits_per_yuan, payment_method, status, created_at)
-             VALUES ($1, $2, ($3::bigint)::numeric / 100, $3, $4, $5, $6, $7, 'pending', $8)",
+             VALUES ($1, $2, ($3::bigint)::numeric / 100, $3, $4, $5, $6, $7, 'pending', $8)
+             ON CONFLICT (id) DO NOTHING",
             vec![
                 p(recharge_id.clone()),
                 p(user),
@@ -299,7 +312,8 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
             (
                 "INSERT INTO consumption_records (id, user_id, video_task_id, credits, description,
                      status, created_at)
-                 VALUES ($1, $2, $1, $3, $4, 'completed', $5)",
+                 VALUES ($1, $2, $1, $3, $4, 'completed', $5)
+                 ON CONFLICT (id) DO NOTHING",
                 vec![
                     p(task_id.clone()),
                     p(user.clone()),
@@ -311,7 +325,8 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
             (
                 "INSERT INTO video_tasks (id, user_id, model, prompt, reference_url, aspect_ratio,
                      duration, size, status, credits_charged, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10)
+                 ON CONFLICT (id) DO NOTHING",
                 vec![
                     p(task_id.clone()),
                     p(user),

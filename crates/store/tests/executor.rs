@@ -200,12 +200,12 @@ async fn kept_state_never_causes_a_wrong_refusal_or_a_lost_write() {
         .unwrap();
     // ...and this process must see the credits, not refuse on what it remembered.
     let done = env.run(&erin, deduct("t1")).await.unwrap();
-    assert_eq!(done.state.balance(), 90);
+    assert_eq!(done.balance, 90);
     // The other process's kept state is now stale too: its commit conflicts and retries.
     let done = other
         .execute(&erin, deduct("t2"), Default::default())
         .await
         .unwrap();
-    assert_eq!(done.state.balance(), 80);
+    assert_eq!(done.balance, 80);
     assert_eq!(done.sequence, 4);
 }

@@ -119,7 +119,7 @@ pub async fn adjust(
         "user_id": user.as_str(),
         "credits": body.credits,
         "reason": reason,
-        "balance": done.state.balance(),
+        "balance": done.balance,
     })))
 }
 

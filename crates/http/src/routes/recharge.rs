@@ -112,14 +112,14 @@ pub async fn create(
             meta.clone(),
         )
         .await;
-    let (account, replay) = match requested {
-        Ok(done) => (done.state, false),
+    let replay = match requested {
+        Ok(_) => false,
         // A retry with the same Idempotency-Key: answer with the recharge it created.
-        Err(ExecuteError::Rejected(LedgerError::RechargeExists { .. })) => {
-            (state.ledger.load(&user).await?.0, true)
-        }
+        Err(ExecuteError::Rejected(LedgerError::RechargeExists { .. })) => true,
         Err(e) => return Err(e.into()),
     };
+    let (account, _) = state.ledger.load(&user).await?;
+
     let Some(recharge) = account.recharge(&recharge_id).cloned() else {
         return Err(ApiError::internal(
             "recharge vanished after it was recorded",
@@ -226,12 +226,9 @@ pub async fn create(
             }
         }
     };
-    let recharge = done
-        .state
-        .recharge(&recharge_id)
-        .cloned()
-        .unwrap_or(recharge);
-    Ok(HttpResponse::Created().json(recharge_body(&recharge_id, &recharge, done.state.balance())))
+    let (account, _) = state.ledger.load(&user).await?;
+    let recharge = account.recharge(&recharge_id).cloned().unwrap_or(recharge);
+    Ok(HttpResponse::Created().json(recharge_body(&recharge_id, &recharge, done.balance)))
 }
 
 pub async fn list(

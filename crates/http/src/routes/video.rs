@@ -170,7 +170,7 @@ pub async fn generate(
                 "task_id": task_id,
                 "status": "processing",
                 "credits_charged": cost,
-                "credits": charged.state.balance(),
+                "credits": charged.balance,
             })))
         }
         Err(e) => {
@@ -188,7 +188,7 @@ pub async fn generate(
                 )
                 .await;
             let balance = match refunded {
-                Ok(done) => done.state.balance(),
+                Ok(done) => done.balance,
                 Err(ExecuteError::Rejected(_)) => state.ledger.load(&user).await?.0.balance(),
                 Err(e) => return Err(e.into()),
             };
