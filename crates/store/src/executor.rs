@@ -81,7 +81,12 @@ struct Slots {
 }
 
 /// Runs commands against `CreditAccount`s stored by postgres-es.
+#[derive(Clone)]
 pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     /// Loads accounts: the latest snapshot plus the events after it.
     store: PersistedEventStore<PostgresEventRepository, CreditAccount>,
     /// Appends events (and, every `SNAPSHOT_EVERY` events, the snapshot) in one transaction.
@@ -92,7 +97,7 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(pool: sqlx::PgPool) -> Self {
-        Self {
+        let inner = Inner {
             store: PersistedEventStore::new_snapshot_store(
                 PostgresEventRepository::new(pool.clone()),
                 SNAPSHOT_EVERY,
@@ -106,20 +111,43 @@ impl Ledger {
                 ),
             }),
             appended: Arc::new(Notify::new()),
+        };
+        Self {
+            inner: Arc::new(inner),
         }
     }
 
     /// Notified after every successful append: wakes the projector in this process.
     pub fn appended(&self) -> Arc<Notify> {
-        self.appended.clone()
+        self.inner.appended.clone()
     }
 
     /// Loads an account's current state from the journal (without queueing).
     pub async fn load(&self, account: &UserId) -> Result<(CreditAccount, usize), ExecuteError> {
-        let kept = self.load_kept(account).await?;
+        let kept = self.inner.load_kept(account).await?;
         Ok((kept.aggregate, kept.sequence))
     }
 
+    /// Decides `command` against the account and appends the resulting events atomically.
+    ///
+    /// The command runs on its own task: once submitted it is carried through even if the
+    /// caller goes away (an HTTP client disconnecting), since other callers' commands may be
+    /// riding in the same batch.
+    pub async fn execute(
+        &self,
+        account: &UserId,
+        command: CreditCommand,
+        metadata: HashMap<String, String>,
+    ) -> Result<Committed, ExecuteError> {
+        let inner = self.inner.clone();
+        let account = account.clone();
+        tokio::spawn(async move { inner.execute(&account, command, metadata).await })
+            .await
+            .unwrap_or_else(|e| Err(ExecuteError::Store(format!("command task failed: {e}"))))
+    }
+}
+
+impl Inner {
     async fn load_kept(&self, account: &UserId) -> Result<Kept, ExecuteError> {
         let ctx = self
             .store
@@ -136,8 +164,7 @@ impl Ledger {
         })
     }
 
-    /// Decides `command` against the account and appends the resulting events atomically.
-    pub async fn execute(
+    async fn execute(
         &self,
         account: &UserId,
         command: CreditCommand,
@@ -153,23 +180,29 @@ impl Ledger {
                 metadata,
                 reply,
             });
-        {
-            // Whoever holds the account next takes every queued command, ours included
-            // unless an earlier holder already took it.
-            let mut kept = slot.kept.lock().await;
-            let batch: Vec<Pending> = {
-                let mut queue = slot.queue.lock().unwrap_or_else(|e| e.into_inner());
-                let n = queue.len().min(MAX_BATCH);
-                queue.drain(..n).collect()
-            };
-            if !batch.is_empty() {
-                self.run_batch(account, batch, &mut kept).await;
+        let mut answer = answer;
+        let reply = loop {
+            // Either a batch that took our command answers it, or we get the account and
+            // take every queued command ourselves (ours included, unless already taken).
+            // Waiting for both keeps batches large: an answered caller never queues for the
+            // lock just to learn that its command is done.
+            tokio::select! {
+                biased;
+                reply = &mut answer => break reply,
+                mut kept = slot.kept.lock() => {
+                    let batch: Vec<Pending> = {
+                        let mut queue = slot.queue.lock().unwrap_or_else(|e| e.into_inner());
+                        let n = queue.len().min(MAX_BATCH);
+                        queue.drain(..n).collect()
+                    };
+                    if !batch.is_empty() {
+                        self.run_batch(account, batch, &mut kept).await;
+                    }
+                }
             }
-        }
+        };
         self.release(account.as_str(), slot);
-        answer
-            .await
-            .unwrap_or_else(|_| Err(ExecuteError::Store("command was dropped".to_owned())))
+        reply.unwrap_or_else(|_| Err(ExecuteError::Store("command was dropped".to_owned())))
     }
 
     async fn run_batch(&self, account: &UserId, batch: Vec<Pending>, kept: &mut Option<Kept>) {
@@ -213,7 +246,10 @@ impl Ledger {
                 *kept = Some(state);
                 return reply_all(batch, outcomes, &[], state_seq(kept));
             }
-            match self.append(account, &batch, &outcomes, &events, before, &state).await {
+            match self
+                .append(account, &batch, &outcomes, &events, before, &state)
+                .await
+            {
                 Ok(envelopes) => {
                     state.sequence = before.0 + events.len();
                     state.snapshot = next_snapshot(before.0, events.len(), before.1);

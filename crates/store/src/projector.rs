@@ -147,7 +147,7 @@ impl Projector {
 
         apply_rows(&tx, &rows).await?;
 
-tx.execute("DELETE FROM projection_outbox WHERE id = ANY($1)", &[&ids])
+        tx.execute("DELETE FROM projection_outbox WHERE id = ANY($1)", &[&ids])
             .await?;
         // Rows of these accounts outside the batch whose events are now applied too (a long
         // backlog of one account): skip rows another projector holds, they are its work.
