@@ -22,8 +22,11 @@ use postgres_es::PostgresEventRepository;
 use rand::Rng;
 use tokio::sync::{oneshot, Mutex, Notify};
 
-/// How many events between two snapshots of an account.
-pub const SNAPSHOT_EVERY: usize = 100;
+/// How many events between two snapshots of an account. A snapshot serialises the whole
+/// account, so taking one is not free for a long history: at 100, a hot account with
+/// thousands of tasks spent most of its time writing snapshots (see docs/BENCHMARKS.md);
+/// at 500 a cold load reads at most 499 events after the snapshot.
+pub const SNAPSHOT_EVERY: usize = 500;
 /// How many idle accounts' states are kept in memory.
 pub const KEEP_IDLE_ACCOUNTS: usize = 10_000;
 /// The most commands decided and appended together.
@@ -413,9 +416,10 @@ mod tests {
 
     #[test]
     fn a_snapshot_is_taken_each_time_a_multiple_is_passed() {
+        let n = SNAPSHOT_EVERY;
         assert_eq!(next_snapshot(0, 1, None), None);
-        assert_eq!(next_snapshot(99, 1, None), Some(1));
-        assert_eq!(next_snapshot(99, 2, Some(1)), Some(2));
-        assert_eq!(next_snapshot(100, 1, Some(1)), Some(1));
+        assert_eq!(next_snapshot(n - 1, 1, None), Some(1));
+        assert_eq!(next_snapshot(n - 1, 2, Some(1)), Some(2));
+        assert_eq!(next_snapshot(n, 1, Some(1)), Some(1));
     }
 }

@@ -24,6 +24,10 @@ use tokio_postgres::types::{Json, ToSql};
 pub const BATCH: i64 = 1000;
 /// The sweep interval when nothing wakes the projector (catches appends by other processes).
 const SWEEP: Duration = Duration::from_millis(100);
+/// After a wake-up, how long to let more appends gather before projecting them together:
+/// one read-side transaction for many appends instead of one each, at a cost in lag far
+/// below the 1 s budget.
+const GATHER: Duration = Duration::from_millis(20);
 
 /// Where a batch may be interrupted on purpose, to prove crash safety in tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +71,7 @@ impl Projector {
                 }
             }
             tokio::select! {
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => tokio::time::sleep(GATHER).await,
                 _ = tokio::time::sleep(SWEEP) => {}
                 _ = shutdown.changed() => {}
             }
@@ -94,6 +98,11 @@ impl Projector {
     async fn batch(&self, interrupt: Option<Interrupt>) -> anyhow::Result<(u64, u64)> {
         let mut client = self.pool.get().await.context("projector connection")?;
         let tx = client.transaction().await?;
+        // A projection commit may be lost in a database crash without harm: its outbox rows
+        // and checkpoints come back with it, and the work is redone. So it need not wait for
+        // its WAL flush, which halves the fsyncs the ledger's appends compete with.
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await?;
         let outbox = tx
             .query(
                 "SELECT id, aggregate_id FROM projection_outbox ORDER BY id LIMIT $1

@@ -97,8 +97,9 @@ async fn snapshots_load_the_same_state_as_a_replay() {
     let env = env().await;
     let carol = user("carol");
     env.recharge(&carol, "r1", 100_000).await;
-    // 2 events so far; each task adds 1 (deduct) or 2 (fail + refund) events.
-    for i in 0..150 {
+    // 2 events so far; each task adds 1 (deduct) or 2 (fail + refund) events: 752 in all,
+    // past the first snapshot (every 500), with two-event commits around the boundary.
+    for i in 0..450 {
         let task = format!("t{i}");
         env.run(&carol, deduct(&task)).await.unwrap();
         if i % 3 == 0 {
@@ -131,7 +132,7 @@ async fn snapshots_load_the_same_state_as_a_replay() {
         .unwrap()
         .get(0);
     assert_eq!(snapshots, 1, "a snapshot was written");
-    assert_eq!(loaded.balance(), 100_000 - 150 * 10 + 50 * 10);
+    assert_eq!(loaded.balance(), 100_000 - 450 * 10 + 150 * 10);
 }
 
 #[tokio::test]
