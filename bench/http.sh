@@ -36,4 +36,4 @@ BENCH_BASE="http://127.0.0.1:$port" BENCH_JWT_SECRET="$secret" BENCH_ADMIN_TOKEN
 BENCH_PID="$svc_pid" python3 bench/http_bench.py
 
 echo "== plain-SQL baseline, same run =="
-cargo run --release -q -p credit-bench --bin ledger-bench -- --plain-only || echo "(plain-SQL baseline unavailable)"
+cargo run --release -q -p credit-bench --bin ledger-bench -- --audit-events 0 --workers 16 --seconds 8 | grep -E "^(scenario|spread|hot)" | head -3
