@@ -300,3 +300,32 @@ async fn a_dispute_reverses_and_a_spent_recharge_leaves_a_debt_that_blocks_gener
     app.send_event(&dispute).await.expect(200);
     assert_eq!(app.events_of(&u, "RechargeReversed").await, 1);
 }
+
+/// A refund names only the payment intent. When the read table does not show the recharge
+/// (the projection is behind), the journal is searched instead: the refund is never lost.
+#[tokio::test]
+async fn a_refund_is_matched_through_the_journal_when_the_records_lag() {
+    let app = TestApp::spawn().await;
+    let u = user("lagging");
+    let token = app.token(&u);
+    let recharge = app.paid_recharge(&u, 1000).await;
+    // Simulate a projection that has not caught up: the record is not there.
+    let client = app.db.client().await;
+    client
+        .execute("DELETE FROM recharge_records WHERE id = $1", &[&recharge])
+        .await
+        .unwrap();
+    let refund = charge_refunded_event(
+        &evt("lag"),
+        "ch_lag",
+        Some(&pi(&recharge)),
+        1000,
+        1000,
+        "cny",
+        &[],
+    );
+    let r = app.send_event(&refund).await;
+    r.expect(200);
+    assert_eq!(r.str("outcome"), "applied", "{}", r.text);
+    app.wait_for_balance(&token, 0).await;
+}

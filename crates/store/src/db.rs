@@ -23,6 +23,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_outbox_account_index",
         include_str!("../../../migrations/0003_outbox_account_index.sql"),
     ),
+    (
+        "0004_payment_id_index",
+        include_str!("../../../migrations/0004_payment_id_index.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

@@ -125,7 +125,7 @@ async fn handle(state: &AppState, event: &WebhookEvent) -> Result<&'static str, 
                 None => recharge_by_payment(state, charge.payment_intent.as_deref()).await?,
             };
             let Some((user, recharge_id)) = found else {
-                return unknown_charge(state).await;
+                return Ok("ignored_unknown_charge");
             };
             let command = CreditCommand::ReverseRecharge {
                 recharge_id,
@@ -139,7 +139,7 @@ async fn handle(state: &AppState, event: &WebhookEvent) -> Result<&'static str, 
             let Some((user, recharge_id)) =
                 recharge_by_payment(state, dispute.payment_intent.as_deref()).await?
             else {
-                return unknown_charge(state).await;
+                return Ok("ignored_unknown_charge");
             };
             let command = CreditCommand::ReverseRecharge {
                 recharge_id,
@@ -208,22 +208,8 @@ async fn recharge_of(
         .map(|u| (u, recharge_id)))
 }
 
-/// A charge we cannot match to a recharge. If the projections are still catching up, the
-/// recharge may simply not be visible yet: answer 503 so Stripe delivers again later.
-/// Otherwise it is not ours (another integration on the same Stripe account): acknowledge.
-async fn unknown_charge(state: &AppState) -> Result<&'static str, ApiError> {
-    let client = state.read().await?;
-    let lag = credit_store::projector::lag(&client).await?;
-    if lag.pending_events > 0 {
-        return Err(ApiError::new(
-            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
-            "projection_behind",
-            "the charge's recharge is not visible yet; deliver again later",
-        ));
-    }
-    Ok("ignored_unknown_charge")
-}
-
+/// The recharge a Stripe payment intent paid for: from the read table, or, when the
+/// projection has not caught up yet, from the journal itself (indexed).
 async fn recharge_by_payment(
     state: &AppState,
     payment_intent: Option<&str>,
@@ -232,12 +218,24 @@ async fn recharge_by_payment(
         return Ok(None);
     };
     let client = state.read().await?;
-    let row = client
+    let mut row = client
         .query_opt(
             "SELECT user_id, id FROM recharge_records WHERE payment_id = $1 LIMIT 1",
             &[&pi],
         )
         .await?;
+    if row.is_none() {
+        row = client
+            .query_opt(
+                "SELECT aggregate_id, payload -> 'RechargeCompleted' ->> 'recharge_id'
+                   FROM events
+                  WHERE event_type = 'RechargeCompleted'
+                    AND payload -> 'RechargeCompleted' ->> 'payment_id' = $1
+                  LIMIT 1",
+                &[&pi],
+            )
+            .await?;
+    }
     Ok(row.and_then(|r| {
         UserId::parse(&r.get::<_, String>(0))
             .ok()
