@@ -44,3 +44,22 @@ impl<T: DeserializeOwned + 'static> FromRequest for Body<T> {
         })
     }
 }
+
+/// Reads a raw body (webhooks and callbacks, whose signature or shape is checked on the exact
+/// bytes) up to `limit`, answering an oversized one with our JSON 413.
+pub async fn read_limited(mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    use futures::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the request body is larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}

@@ -19,20 +19,14 @@ const MAX_BODY: usize = 256 * 1024;
 pub async fn receive(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let Some(secret) = &state.config.stripe_webhook_secret else {
         return Err(ApiError::not_found(
             "the Stripe webhook is not configured (STRIPE_WEBHOOK_SECRET unset)",
         ));
     };
-    if body.len() > MAX_BODY {
-        return Err(ApiError::new(
-            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "webhook body too large",
-        ));
-    }
+    let body = crate::body::read_limited(payload, MAX_BODY).await?;
     let header = req
         .headers()
         .get("Stripe-Signature")

@@ -240,7 +240,7 @@ pub struct CallbackQuery {
 pub async fn callback(
     state: web::Data<AppState>,
     query: web::Query<CallbackQuery>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let unauthorized =
         || ApiError::unauthorized("invalid_callback_token", "unknown task or wrong token");
@@ -259,6 +259,7 @@ pub async fn callback(
     ) {
         return Err(unauthorized());
     }
+    let body = crate::body::read_limited(payload, 64 * 1024).await?;
     let result = credit_grsai::parse_result(&body)
         .map_err(|e| ApiError::bad_request("invalid_payload", e.to_string()))?;
     if let Some(known) = &task.provider_task_id {
