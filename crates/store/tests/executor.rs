@@ -210,3 +210,24 @@ async fn kept_state_never_causes_a_wrong_refusal_or_a_lost_write() {
     assert_eq!(done.balance, 80);
     assert_eq!(done.sequence, 4);
 }
+
+/// A command runs on its own task: a caller that goes away (an HTTP client disconnecting)
+/// cannot cancel it halfway, nor the other callers' commands sharing its batch.
+#[tokio::test]
+async fn a_command_whose_caller_goes_away_is_still_carried_through() {
+    let env = env().await;
+    let gina = user("gina");
+    env.recharge(&gina, "r1", 100).await;
+    let submitted = env.ledger.execute(&gina, deduct("t1"), Default::default());
+    // Polled once (the command is handed to its task), then dropped.
+    let _ = tokio::time::timeout(std::time::Duration::from_micros(1), submitted).await;
+    for _ in 0..100 {
+        let (state, _) = env.ledger.load(&gina).await.unwrap();
+        if state.task("t1").is_some() {
+            assert_eq!(state.balance(), 90);
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the dropped command was never committed");
+}
