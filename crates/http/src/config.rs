@@ -52,7 +52,6 @@ pub struct Config {
     pub stripe_cancel_url: String,
     /// `None`: the simulated video provider.
     pub grsai: Option<GrsaiSettings>,
-    pub grsai_api_base: String,
     pub pricing: Pricing,
     pub recharge_min_fen: i64,
     pub recharge_max_fen: i64,
@@ -133,7 +132,7 @@ impl Config {
         };
         let grsai = secret("GRSAI_API_KEY").map(|api_key| GrsaiSettings {
             api_key,
-            api_base: grsai_api_base.clone(),
+            api_base: grsai_api_base,
             timeout: grsai_timeout,
         });
 
@@ -241,7 +240,6 @@ impl Config {
             stripe_success_url,
             stripe_cancel_url,
             grsai,
-            grsai_api_base,
             pricing,
             recharge_min_fen,
             recharge_max_fen,

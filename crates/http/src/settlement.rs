@@ -67,30 +67,26 @@ pub async fn settle_once(state: &AppState) -> anyhow::Result<usize> {
                 .await?
             }
             Some(pid) => match state.video.poll(&pid).await {
-                Ok(PollOutcome::Found(result)) => match result.status {
-                    ProviderStatus::Running if age < GIVE_UP_AFTER.as_secs_f64() => {
-                        crate::routes::settle(state, &user, &task_id, &result)
-                            .await
-                            .map_err(|e| anyhow::anyhow!("{e}"))?;
-                        false
-                    }
-                    ProviderStatus::Running => {
-                        fail(
-                            state,
-                            &user,
-                            &task_id,
-                            "timeout",
-                            "the provider did not finish within 24 hours",
-                        )
-                        .await?
-                    }
-                    _ => {
-                        crate::routes::settle(state, &user, &task_id, &result)
-                            .await
-                            .map_err(|e| anyhow::anyhow!("{e}"))?;
-                        true
-                    }
-                },
+                Ok(PollOutcome::Found(result))
+                    if result.status == ProviderStatus::Running
+                        && age >= GIVE_UP_AFTER.as_secs_f64() =>
+                {
+                    fail(
+                        state,
+                        &user,
+                        &task_id,
+                        "timeout",
+                        "the provider did not finish within 24 hours",
+                    )
+                    .await?
+                }
+                // Settled as the callback would settle it (running: progress only).
+                Ok(PollOutcome::Found(result)) => {
+                    crate::routes::settle(state, &user, &task_id, &result)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                        == "applied"
+                }
                 Ok(PollOutcome::NotFound) => {
                     fail(
                         state,

@@ -43,7 +43,7 @@ pub struct Committed {
     pub sequence: usize,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ExecuteError {
     /// The domain refused the command; nothing was written.
     #[error(transparent)]
@@ -57,6 +57,10 @@ pub enum ExecuteError {
 }
 
 type Reply = Result<Committed, ExecuteError>;
+
+/// One command of a batch, as decided: which of the batch's events are its own, and the
+/// balance after them; or why it was refused.
+type Decided = Result<(std::ops::Range<usize>, i64), LedgerError>;
 
 struct Pending {
     command: CreditCommand,
@@ -219,7 +223,7 @@ impl Inner {
             };
             let before = (state.sequence, state.snapshot);
             // Decide every command in order on the evolving state.
-            let mut outcomes: Vec<Result<(usize, usize, i64), LedgerError>> = Vec::new();
+            let mut outcomes: Vec<Decided> = Vec::new();
             let mut events: Vec<CreditEvent> = Vec::new();
             let mut stale = false;
             for pending in &batch {
@@ -232,7 +236,7 @@ impl Inner {
                             state.aggregate.apply_event(e.clone());
                         }
                         events.extend(decided);
-                        outcomes.push(Ok((from, events.len(), state.aggregate.balance())));
+                        outcomes.push(Ok((from..events.len(), state.aggregate.balance())));
                     }
                     Err(_) if !fresh => {
                         stale = true;
@@ -247,7 +251,7 @@ impl Inner {
             }
             if events.is_empty() {
                 *kept = Some(state);
-                return reply_all(batch, outcomes, &[], state_seq(kept));
+                return reply_all(batch, outcomes, &[], before.0);
             }
             match self
                 .append(account, &batch, &outcomes, &events, before, &state)
@@ -258,7 +262,7 @@ impl Inner {
                     state.snapshot = next_snapshot(before.0, events.len(), before.1);
                     *kept = Some(state);
                     self.appended.notify_one();
-                    return reply_all(batch, outcomes, &envelopes, state_seq(kept));
+                    return reply_all(batch, outcomes, &envelopes, before.0);
                 }
                 Err(AppendError::Conflict) => {
                     tracing::debug!(account.id = %account, attempt, "optimistic lock conflict, retrying");
@@ -280,7 +284,7 @@ impl Inner {
         &self,
         account: &UserId,
         batch: &[Pending],
-        outcomes: &[Result<(usize, usize, i64), LedgerError>],
+        outcomes: &[Decided],
         events: &[CreditEvent],
         (sequence, snapshot): (usize, Option<usize>),
         after: &Kept,
@@ -288,12 +292,12 @@ impl Inner {
         // Each event carries the metadata of the command that produced it.
         let mut envelopes = Vec::with_capacity(events.len());
         for (pending, outcome) in batch.iter().zip(outcomes) {
-            if let Ok((from, to, _)) = outcome {
-                for (i, event) in events[*from..*to].iter().enumerate() {
+            if let Ok((own, _)) = outcome {
+                for i in own.clone() {
                     envelopes.push(EventEnvelope {
                         aggregate_id: account.as_str().to_owned(),
-                        sequence: sequence + from + i + 1,
-                        payload: event.clone(),
+                        sequence: sequence + i + 1,
+                        payload: events[i].clone(),
                         metadata: pending.metadata.clone(),
                     });
                 }
@@ -367,22 +371,19 @@ enum AppendError {
     Store(String),
 }
 
-fn state_seq(kept: &Option<Kept>) -> usize {
-    kept.as_ref().map_or(0, |k| k.sequence)
-}
-
+/// Answers every command of a batch whose events were appended after `sequence`.
 fn reply_all(
     batch: Vec<Pending>,
-    outcomes: Vec<Result<(usize, usize, i64), LedgerError>>,
+    outcomes: Vec<Decided>,
     envelopes: &[EventEnvelope<CreditAccount>],
-    last_sequence: usize,
+    sequence: usize,
 ) {
     for (pending, outcome) in batch.into_iter().zip(outcomes) {
         let reply = match outcome {
-            Ok((from, to, balance)) => Ok(Committed {
-                events: envelopes[from..to].to_vec(),
+            Ok((own, balance)) => Ok(Committed {
+                sequence: sequence + own.end,
+                events: envelopes[own].to_vec(),
                 balance,
-                sequence: last_sequence - envelopes.len() + to,
             }),
             Err(refused) => Err(ExecuteError::Rejected(refused)),
         };
@@ -392,12 +393,7 @@ fn reply_all(
 
 fn fail_all(batch: Vec<Pending>, error: &ExecuteError) {
     for pending in batch {
-        let e = match error {
-            ExecuteError::Rejected(r) => ExecuteError::Rejected(r.clone()),
-            ExecuteError::Contended(a) => ExecuteError::Contended(a.clone()),
-            ExecuteError::Store(s) => ExecuteError::Store(s.clone()),
-        };
-        let _ = pending.reply.send(Err(e));
+        let _ = pending.reply.send(Err(error.clone()));
     }
 }
 

@@ -112,13 +112,15 @@ pub async fn create(
             meta.clone(),
         )
         .await;
-    let replay = match requested {
-        Ok(_) => false,
-        // A retry with the same Idempotency-Key: answer with the recharge it created.
-        Err(ExecuteError::Rejected(LedgerError::RechargeExists { .. })) => true,
+    // `account` shows this recharge as it stands: from the events just committed, or, for a
+    // retry with the same Idempotency-Key, from the journal.
+    let (mut account, replay) = match requested {
+        Ok(done) => (view_of(&done), false),
+        Err(ExecuteError::Rejected(LedgerError::RechargeExists { .. })) => {
+            (state.ledger.load(&user).await?.0, true)
+        }
         Err(e) => return Err(e.into()),
     };
-    let (account, _) = state.ledger.load(&user).await?;
 
     let Some(recharge) = account.recharge(&recharge_id).cloned() else {
         return Err(ApiError::internal(
@@ -226,9 +228,21 @@ pub async fn create(
             }
         }
     };
-    let (account, _) = state.ledger.load(&user).await?;
+    for event in &done.events {
+        account.apply_event(event.payload.clone());
+    }
     let recharge = account.recharge(&recharge_id).cloned().unwrap_or(recharge);
     Ok(HttpResponse::Created().json(recharge_body(&recharge_id, &recharge, done.balance)))
+}
+
+/// The recharge a command's events describe, without reading the account back: the events of
+/// one recharge are all its record needs (the balance comes with the command's result).
+fn view_of(done: &credit_store::Committed) -> credit_domain::CreditAccount {
+    let mut view = credit_domain::CreditAccount::default();
+    for event in &done.events {
+        view.apply_event(event.payload.clone());
+    }
+    view
 }
 
 pub async fn list(
