@@ -24,10 +24,10 @@ pub enum LedgerError {
         recharge_id: String,
         status: &'static str,
     },
-    #[error("recharge {recharge_id} was not completed, nothing to reverse")]
-    RechargeNotCompleted { recharge_id: String },
-    #[error("recharge {recharge_id}: nothing more to reverse")]
-    NothingToReverse { recharge_id: String },
+    #[error("recharge {recharge_id}: this refund or dispute stage is already recorded")]
+    AlreadyRecorded { recharge_id: String },
+    #[error("text field {field} contains control characters")]
+    ControlCharacters { field: &'static str },
     #[error("amount mismatch: recharge is {expected} fen, payment is {actual} fen")]
     AmountMismatch { expected: i64, actual: i64 },
     #[error("currency mismatch: recharge is {expected}, payment is {actual}")]
@@ -60,8 +60,8 @@ impl LedgerError {
             Self::UnknownRecharge { .. } => "unknown_recharge",
             Self::RechargeAlreadyCompleted { .. } => "recharge_already_completed",
             Self::RechargeNotPending { .. } => "recharge_not_pending",
-            Self::RechargeNotCompleted { .. } => "recharge_not_completed",
-            Self::NothingToReverse { .. } => "nothing_to_reverse",
+            Self::AlreadyRecorded { .. } => "already_recorded",
+            Self::ControlCharacters { .. } => "control_characters",
             Self::AmountMismatch { .. } => "amount_mismatch",
             Self::CurrencyMismatch { .. } => "currency_mismatch",
             Self::TaskAlreadyCharged { .. } => "task_already_charged",

@@ -15,6 +15,7 @@ async fn settling_app() -> TestApp {
     TestApp::spawn_with(&[
         ("SETTLEMENT_INTERVAL", "100ms"),
         ("TASK_POLL_AFTER", "1s"),
+        ("TASK_UNKNOWN_REFUND_AFTER", "1s"),
         ("GRSAI_TIMEOUT", "300ms"),
     ])
     .await
@@ -130,7 +131,7 @@ async fn a_task_charged_but_never_submitted_is_refunded() {
         .wait_for_task(&token, "vid_orphan", |t| t["refunded"] == true)
         .await;
     assert_eq!(t["status"], "failed");
-    assert_eq!(t["failure_reason"], "not_submitted");
+    assert_eq!(t["failure_reason"], "submission_unknown");
     app.wait_for_balance(&token, 10).await;
     assert!(app.grsai().requests().is_empty());
     assert_eq!(app.events_of(&u, "CreditsRefunded").await, 1);

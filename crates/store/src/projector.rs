@@ -311,6 +311,43 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
               WHERE id = $1",
             vec![p(recharge_id.clone()), p(*credits)],
         )],
+        CreditEvent::RechargeReinstated {
+            recharge_id,
+            credits,
+            ..
+        } => vec![(
+            "UPDATE recharge_records
+                SET reversed_credits = reversed_credits - $2,
+                    status = CASE WHEN reversed_credits - $2 > 0 THEN 'reversed' ELSE 'completed' END
+              WHERE id = $1",
+            vec![p(recharge_id.clone()), p(*credits)],
+        )],
+        // Facts about the payment: the credits they move come as their own events.
+        CreditEvent::PaymentRefunded { .. } | CreditEvent::PaymentDisputed { .. } => Vec::new(),
+        CreditEvent::VideoSubmissionUncertain {
+            task_id,
+            error_message,
+        } => vec![(
+            "UPDATE video_tasks SET status = 'uncertain', error_message = $2
+              WHERE id = $1 AND status = 'pending'",
+            vec![p(task_id.clone()), p(error_message.clone())],
+        )],
+        CreditEvent::VideoDeliveredAfterRefund {
+            task_id,
+            video_url,
+            remove_watermark,
+            pid,
+        } => vec![(
+            "UPDATE video_tasks SET delivered_after_refund = true, video_url = $2,
+                    remove_watermark = $3, pid = $4
+              WHERE id = $1",
+            vec![
+                p(task_id.clone()),
+                p(video_url.clone()),
+                p(*remove_watermark),
+                p(pid.clone()),
+            ],
+        )],
         CreditEvent::CreditsDeducted {
             task_id,
             credits,
@@ -355,7 +392,7 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
             provider_task_id,
         } => vec![(
             "UPDATE video_tasks SET provider_task_id = $2, status = 'processing'
-              WHERE id = $1 AND status IN ('pending', 'processing')",
+              WHERE id = $1 AND status IN ('pending', 'uncertain', 'processing')",
             vec![p(task_id.clone()), p(provider_task_id.clone())],
         )],
         CreditEvent::VideoSucceeded {

@@ -7,8 +7,6 @@ mod recharge;
 mod stripe_webhook;
 mod video;
 
-pub use video::settle;
-
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;

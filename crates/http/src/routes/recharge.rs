@@ -128,11 +128,7 @@ pub async fn create(
         ));
     };
     if replay && recharge.amount_fen != amount_fen {
-        return Err(ApiError::new(
-            actix_web::http::StatusCode::CONFLICT,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used for a different amount",
-        ));
+        return Err(crate::error::idempotency_conflict());
     }
     if recharge.status != RechargeStatus::Pending || recharge.checkout_url.is_some() {
         let status = if replay {
