@@ -102,6 +102,9 @@ async fn stats(state: web::Data<AppState>, user: AuthUser) -> Result<HttpRespons
     Ok(HttpResponse::Ok().json(json!({
         "user_id": user.0.as_str(),
         "credits": credits,
+        // Below zero only when a spent recharge was refunded or disputed; spending is
+        // refused until a recharge repays it.
+        "in_debt": credits < 0,
         "video_cost": c.pricing.video_cost_credits,
         "credits_per_yuan": c.pricing.credits_per_yuan,
         "currency": c.pricing.currency,
