@@ -208,6 +208,14 @@ impl FakeStripe {
         }
     }
 
+    /// The id of the session created for `recharge_id` (its `client_reference_id`).
+    pub fn session_for(&self, recharge_id: &str) -> Option<String> {
+        lock(&self.state.sessions)
+            .iter()
+            .find(|(_, s)| s["client_reference_id"] == recharge_id)
+            .map(|(id, _)| id.clone())
+    }
+
     /// Marks a session paid, with payment intent `pi` and its charge (nothing refunded).
     pub fn pay_session(&self, id: &str, pi: &str) -> bool {
         self.update_session(id, |s| {
