@@ -156,6 +156,7 @@ fn subject(event: &CreditEvent) -> &str {
         | CreditEvent::PaymentDisputed { recharge_id, .. } => recharge_id,
         CreditEvent::CreditsDeducted { task_id, .. }
         | CreditEvent::VideoSubmissionUncertain { task_id, .. }
+        | CreditEvent::VideoProgressed { task_id, .. }
         | CreditEvent::VideoDeliveredAfterRefund { task_id, .. }
         | CreditEvent::VideoTaskSubmitted { task_id, .. }
         | CreditEvent::VideoSucceeded { task_id, .. }

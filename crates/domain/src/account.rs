@@ -174,6 +174,9 @@ pub struct Task {
     /// The provider delivered a video after the task was refunded.
     #[serde(default)]
     pub delivered_after_refund: bool,
+    /// The last progress the provider reported (0..=99 while running).
+    #[serde(default)]
+    pub progress: u8,
 }
 
 impl Task {
@@ -468,6 +471,17 @@ impl CreditAccount {
                     }
                 }
             }
+            CreditCommand::RecordProgress { task_id, progress } => {
+                let task = self.known_task(&task_id)?;
+                if task.is_settled() {
+                    return Err(LedgerError::TaskAlreadySettled { task_id });
+                }
+                let progress = progress.min(99);
+                if progress <= task.progress {
+                    return Err(LedgerError::StaleProgress { task_id });
+                }
+                Ok(vec![CreditEvent::VideoProgressed { task_id, progress }])
+            }
             CreditCommand::RecordVideoSuccess {
                 task_id,
                 video_url,
@@ -696,8 +710,14 @@ impl CreditAccount {
                         callback_token_sha256,
                         spec_sha256: Some(video.fingerprint()),
                         delivered_after_refund: false,
+                        progress: 0,
                     },
                 );
+            }
+            CreditEvent::VideoProgressed { task_id, progress } => {
+                if let Some(t) = self.tasks.get_mut(&task_id) {
+                    t.progress = progress;
+                }
             }
             CreditEvent::VideoSubmissionUncertain { task_id, .. } => {
                 self.set_task_status(&task_id, TaskStatus::Uncertain);

@@ -96,6 +96,12 @@ pub enum CreditCommand {
         task_id: String,
         provider_task_id: String,
     },
+    /// A running update from the provider: progress only moves up, and only while the task is
+    /// open.
+    RecordProgress {
+        task_id: String,
+        progress: u8,
+    },
     RecordVideoSuccess {
         task_id: String,
         video_url: String,

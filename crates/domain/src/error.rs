@@ -38,6 +38,8 @@ pub enum LedgerError {
     UnknownTask { task_id: String },
     #[error("task {task_id} is already settled")]
     TaskAlreadySettled { task_id: String },
+    #[error("task {task_id}: progress did not move forward")]
+    StaleProgress { task_id: String },
     #[error("task {task_id} is already submitted")]
     TaskAlreadySubmitted { task_id: String },
     #[error("adjustment {adjustment_id} already exists")]
@@ -67,6 +69,7 @@ impl LedgerError {
             Self::TaskAlreadyCharged { .. } => "task_already_charged",
             Self::UnknownTask { .. } => "unknown_task",
             Self::TaskAlreadySettled { .. } => "task_already_settled",
+            Self::StaleProgress { .. } => "stale_progress",
             Self::TaskAlreadySubmitted { .. } => "task_already_submitted",
             Self::AdjustmentExists { .. } => "adjustment_exists",
             Self::AdjustmentBelowZero { .. } => "adjustment_below_zero",

@@ -104,6 +104,8 @@ pub enum CreditEvent {
         task_id: String,
         error_message: String,
     },
+    /// The provider reported progress on a running task (0..=99; only increases).
+    VideoProgressed { task_id: String, progress: u8 },
     /// The provider delivered the video.
     VideoSucceeded {
         task_id: String,
@@ -185,6 +187,7 @@ impl CreditEvent {
             Self::VideoDeliveredAfterRefund { .. } => "VideoDeliveredAfterRefund",
             Self::CreditsDeducted { .. } => "CreditsDeducted",
             Self::VideoTaskSubmitted { .. } => "VideoTaskSubmitted",
+            Self::VideoProgressed { .. } => "VideoProgressed",
             Self::VideoSucceeded { .. } => "VideoSucceeded",
             Self::VideoFailed { .. } => "VideoFailed",
             Self::CreditsRefunded { .. } => "CreditsRefunded",

@@ -599,6 +599,7 @@ fn check_event_against_model(
             prop_assert!(model.requested.contains_key(recharge_id));
         }
         CreditEvent::VideoSubmissionUncertain { task_id, .. }
+        | CreditEvent::VideoProgressed { task_id, .. }
         | CreditEvent::VideoDeliveredAfterRefund { task_id, .. } => {
             prop_assert!(model.charged.contains_key(task_id));
         }

@@ -125,7 +125,8 @@ impl From<LedgerError> for ApiError {
             | LedgerError::TaskAlreadySettled { .. }
             | LedgerError::TaskAlreadySubmitted { .. }
             | LedgerError::AdjustmentExists { .. }
-            | LedgerError::AlreadyRecorded { .. } => StatusCode::CONFLICT,
+            | LedgerError::AlreadyRecorded { .. }
+            | LedgerError::StaleProgress { .. } => StatusCode::CONFLICT,
             LedgerError::ControlCharacters { .. } => StatusCode::BAD_REQUEST,
             LedgerError::UnknownRecharge { .. } | LedgerError::UnknownTask { .. } => {
                 StatusCode::NOT_FOUND

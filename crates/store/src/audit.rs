@@ -362,6 +362,7 @@ fn record_expectations(
         | CreditEvent::PaymentRefunded { .. }
         | CreditEvent::PaymentDisputed { .. }
         | CreditEvent::VideoSubmissionUncertain { .. }
+        | CreditEvent::VideoProgressed { .. }
         | CreditEvent::VideoDeliveredAfterRefund { .. }
         | CreditEvent::VideoTaskSubmitted { .. }
         | CreditEvent::VideoSucceeded { .. }

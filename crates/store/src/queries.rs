@@ -237,15 +237,3 @@ pub async fn open_tasks(
         })
         .collect())
 }
-
-/// Progress reported by the provider for a running task.
-pub async fn record_progress(client: &Client, task_id: &str, progress: i32) -> anyhow::Result<()> {
-    client
-        .execute(
-            "UPDATE video_tasks SET progress = $2, status = 'processing'
-              WHERE id = $1 AND status IN ('pending', 'uncertain', 'processing')",
-            &[&task_id, &progress],
-        )
-        .await?;
-    Ok(())
-}

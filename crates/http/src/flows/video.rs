@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use credit_domain::ports::{ProviderError, ProviderStatus, VideoRequest, VideoResult};
 use credit_domain::{CreditAccount, CreditCommand, LedgerError, TaskStatus, UserId, VideoSpec};
-use credit_store::{queries, ExecuteError};
+use credit_store::ExecuteError;
 use serde::Serialize;
 
 use crate::error::ApiError;
@@ -204,12 +204,19 @@ pub async fn apply_result(
     }
     let command = match result.status {
         ProviderStatus::Running => {
-            if task.is_settled() {
-                return Ok(ResultOutcome::AlreadySettled);
-            }
-            let client = state.read().await?;
-            queries::record_progress(&client, task_id, i32::from(result.progress.min(99))).await?;
-            return Ok(ResultOutcome::Progress);
+            let command = CreditCommand::RecordProgress {
+                task_id: task_id.to_owned(),
+                progress: result.progress,
+            };
+            return match state.ledger.execute(user, command, HashMap::new()).await {
+                Ok(_) | Err(ExecuteError::Rejected(LedgerError::StaleProgress { .. })) => {
+                    Ok(ResultOutcome::Progress)
+                }
+                Err(ExecuteError::Rejected(LedgerError::TaskAlreadySettled { .. })) => {
+                    Ok(ResultOutcome::AlreadySettled)
+                }
+                Err(e) => Err(e.into()),
+            };
         }
         ProviderStatus::Succeeded => match &result.video_url {
             Some(url) => CreditCommand::RecordVideoSuccess {

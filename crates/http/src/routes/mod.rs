@@ -96,7 +96,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn stats(state: web::Data<AppState>, user: AuthUser) -> Result<HttpResponse, ApiError> {
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let credits = credit_store::queries::projected_credits(&client, user.0.as_str()).await?;
     let c = &state.config;
     Ok(HttpResponse::Ok().json(json!({

@@ -247,7 +247,7 @@ pub async fn list(
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
     let (limit, at, id) = page.keyset()?;
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let rows = client
         .query(
             "SELECT id, amount_fen, credits, payment_method, payment_id, status, created_at,

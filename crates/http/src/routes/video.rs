@@ -233,7 +233,7 @@ pub async fn list(
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
     let (limit, at, id) = page.keyset()?;
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let rows = client
         .query(
             &format!(
@@ -256,7 +256,7 @@ pub async fn get(
     user: AuthUser,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let row = client
         .query_opt(
             &format!("SELECT {TASK_COLUMNS} FROM video_tasks WHERE id = $1 AND user_id = $2"),
@@ -275,7 +275,7 @@ pub async fn consumption(
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
     let (limit, at, id) = page.keyset()?;
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let rows = client
         .query(
             "SELECT id, video_task_id, credits, description, status, created_at, refunded_at
