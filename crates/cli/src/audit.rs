@@ -20,16 +20,16 @@ struct JsonReport<'a> {
 }
 
 pub async fn full(pool: &Pool, json: bool) -> anyhow::Result<ExitCode> {
-    let client = pool.get().await?;
+    let mut client = pool.get().await?;
     let bar = progress::bar(0, "auditing");
     let report = match &bar {
-        None => audit::run(&client, None).await?,
+        None => audit::run(&mut client, None).await?,
         Some(bar) => {
             let update = |done: u64, total: u64| {
                 bar.set_length(total);
                 bar.set_position(done);
             };
-            audit::run(&client, Some(&update)).await?
+            audit::run(&mut client, Some(&update)).await?
         }
     };
     if let Some(bar) = bar {

@@ -5,6 +5,11 @@
 //! sequences, each money event's `balance_after` = previous balance + its delta, the
 //! projected balance and records against the replay; and in total: recharged − spent +
 //! refunded + granted − reversed = the sum of balances.
+//!
+//! Everything is read in one `REPEATABLE READ READ ONLY` transaction: the journal, the outbox
+//! and the read tables come from the same snapshot, so on a live system the audit compares
+//! like with like (an account whose outbox rows are pending in that snapshot is not compared
+//! with its read tables), and never reports a discrepancy that is only a race.
 
 use std::collections::HashMap;
 
@@ -14,7 +19,7 @@ use credit_domain::CreditEvent;
 use futures::{pin_mut, TryStreamExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 /// One thing the audit found wrong.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -98,8 +103,28 @@ struct Expected {
 /// Progress callback: (events done, events in total).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
-/// Runs the whole audit.
-pub async fn run(client: &Client, progress: Option<Progress<'_>>) -> anyhow::Result<AuditReport> {
+/// Runs the whole audit, in one read-only snapshot.
+pub async fn run(
+    client: &mut Client,
+    progress: Option<Progress<'_>>,
+) -> anyhow::Result<AuditReport> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .context("starting the audit's snapshot")?;
+    let report = replay(&tx, progress).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// The audit proper, inside the snapshot `run` opened.
+async fn replay(
+    client: &Transaction<'_>,
+    progress: Option<Progress<'_>>,
+) -> anyhow::Result<AuditReport> {
     let started = std::time::Instant::now();
     let total: i64 = client
         .query_one("SELECT count(*) FROM events", &[])
@@ -343,7 +368,7 @@ fn record_expectations(
 }
 
 async fn check_users(
-    client: &Client,
+    client: &Transaction<'_>,
     accounts: &HashMap<String, AccountState>,
     pending: &std::collections::HashSet<String>,
     totals: &mut Totals,
@@ -400,7 +425,7 @@ async fn check_users(
 }
 
 async fn check_records(
-    client: &Client,
+    client: &Transaction<'_>,
     table: &str,
     sql: &str,
     expected: &HashMap<String, ExpectedRecord>,

@@ -39,6 +39,27 @@ impl TestDb {
         Self { url, db }
     }
 
+    /// Runs `sql` as the superuser test role with the append-only triggers switched off for
+    /// this one transaction (`session_replication_role = replica`): how a saboteur with
+    /// superuser rights rewrites history. The service's own role cannot do this
+    /// (crates/store/tests/append_only.rs); the audit and checkpoints must catch it.
+    pub async fn tamper(&self, sql: &str) -> Vec<deadpool_postgres::tokio_postgres::Row> {
+        let mut client = self.client().await;
+        let rows = async {
+            let tx = client.transaction().await?;
+            tx.batch_execute("SET LOCAL session_replication_role = replica")
+                .await?;
+            let rows = tx.query(sql, &[]).await?;
+            tx.commit().await?;
+            Ok::<_, deadpool_postgres::tokio_postgres::Error>(rows)
+        }
+        .await;
+        match rows {
+            Ok(rows) => rows,
+            Err(e) => panic!("tampering failed: {e}"),
+        }
+    }
+
     pub async fn client(&self) -> deadpool_postgres::Object {
         match self.db.read.get().await {
             Ok(c) => c,

@@ -124,7 +124,7 @@ pub async fn adjust(
 }
 
 pub async fn audit(state: web::Data<AppState>, _admin: Admin) -> Result<HttpResponse, ApiError> {
-    let client = state.read().await?;
-    let report = credit_store::audit::run(&client, None).await?;
+    let mut client = state.read().await?;
+    let report = credit_store::audit::run(&mut client, None).await?;
     Ok(HttpResponse::Ok().json(report))
 }
