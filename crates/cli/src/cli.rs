@@ -45,6 +45,17 @@ pub struct AuditArgs {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Checkpoint file. Missing: a clean audit writes one there (signed with Ed25519 when
+    /// AUDIT_SIGNING_KEY holds a 32-byte seed as 64 hex digits). Present: the audit also
+    /// proves the journal still holds and extends every head it recorded (exit 1 if not).
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: Option<std::path::PathBuf>,
+
+    /// Ed25519 public key (64 hex digits) that must have signed the checkpoint. Implied by
+    /// AUDIT_SIGNING_KEY.
+    #[arg(long, value_name = "HEX", env = "AUDIT_PUBLIC_KEY")]
+    pub public_key: Option<String>,
+
     #[command(subcommand)]
     pub command: Option<AuditCommand>,
 }

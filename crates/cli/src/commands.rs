@@ -26,8 +26,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(args) => {
             let pool = connect(&url).await?;
             match args.command {
-                None => audit::full(&pool, args.json).await,
+                None => {
+                    let checkpoint = audit::CheckpointArgs::from_env(
+                        args.checkpoint,
+                        args.public_key.as_deref(),
+                    )?;
+                    audit::full(&pool, args.json, checkpoint).await
+                }
                 Some(AuditCommand::Balance { user, at }) => {
+                    anyhow::ensure!(
+                        args.checkpoint.is_none(),
+                        "--checkpoint belongs to the full audit, not to `audit balance`"
+                    );
                     audit::balance(&pool, &user, at, args.json).await
                 }
             }

@@ -281,3 +281,234 @@ async fn tools_refuse_an_unmigrated_database() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("credit-ledger migrate"));
 }
+
+const SEED: &str = "0707070707070707070707070707070707070707070707070707070707070707";
+
+async fn credit_ledger_env(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .env_remove("AUDIT_SIGNING_KEY")
+        .env_remove("AUDIT_PUBLIC_KEY")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A path for a checkpoint file that does not exist yet, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "credit-ledger-{name}-{}-{}",
+            std::process::id(),
+            uuid_like()
+        ));
+        let _ = std::fs::remove_file(&path);
+        Self(path)
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn uuid_like() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test]
+async fn audit_writes_a_signed_checkpoint_then_verifies_the_journal_extends_it() {
+    let db = ledger_with_history().await;
+    let file = TempFile::new("extends");
+    let key = credit_store::checkpoint::signing_key_from_hex(SEED).unwrap();
+    let public = hex::encode(key.verifying_key().as_bytes());
+
+    let out = credit_ledger_env(
+        &db.url,
+        &["audit", "--checkpoint", file.arg()],
+        &[("AUDIT_SIGNING_KEY", SEED)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("checkpoint         written to {}", file.arg())),
+        "{}",
+        stdout(&out)
+    );
+    let text = std::fs::read_to_string(&file.0).unwrap();
+    assert!(text.starts_with("credit-ledger checkpoint 1\n"), "{text}");
+    assert!(text.contains("\naccounts 2\nhead alice 6 "), "{text}");
+    assert!(text.contains("\nhead bob 2 "), "{text}");
+    assert!(
+        text.contains(&format!("\nsignature ed25519 {public} ")),
+        "{text}"
+    );
+
+    // The journal grows (a new event for alice, a new account): it extends the checkpoint.
+    let ledger = Ledger::new(db.db.write.clone());
+    for account in ["alice", "carol"] {
+        ledger
+            .execute(
+                &UserId::parse(account).unwrap(),
+                CreditCommand::Adjust {
+                    adjustment_id: format!("adj-{account}"),
+                    credits: 5,
+                    actor: "test".into(),
+                    reason: "goodwill".into(),
+                },
+                HashMap::new(),
+            )
+            .await
+            .unwrap();
+    }
+    Projector::new(db.db.read.clone(), ledger.appended())
+        .drain()
+        .await
+        .unwrap();
+    // Verified with the public key alone (an auditor need not hold the secret).
+    let out = credit_ledger_env(
+        &db.url,
+        &["audit", "--checkpoint", file.arg(), "--json"],
+        &[("AUDIT_PUBLIC_KEY", &public)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["checkpoint_file"]["action"], "verified");
+    assert_eq!(json["checkpoint_file"]["signed_by"], public.as_str());
+    assert_eq!(json["checkpoint"]["accounts"], 2);
+
+    // Another key, or an edited file, is refused outright: the checkpoint cannot be trusted.
+    let other = "08".repeat(32);
+    let out = credit_ledger_env(
+        &db.url,
+        &["audit", "--checkpoint", file.arg()],
+        &[("AUDIT_SIGNING_KEY", &other)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not by the expected key"));
+    std::fs::write(&file.0, text.replace("\nhead bob 2 ", "\nhead bob 1 ")).unwrap();
+    let out = credit_ledger_env(&db.url, &["audit", "--checkpoint", file.arg()], &[]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root hash does not match"));
+
+    // No checkpoint is written over a journal the audit finds fault with.
+    let fresh = TempFile::new("refused");
+    db.client()
+        .await
+        .batch_execute("UPDATE users SET credits = 1 WHERE id = 'bob'")
+        .await
+        .unwrap();
+    let out = credit_ledger_env(&db.url, &["audit", "--checkpoint", fresh.arg()], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("checkpoint         not written"));
+    assert!(!fresh.0.exists());
+}
+
+/// What the hash chain alone cannot see, once `projections rebuild` has erased every trace
+/// from the read tables: a deleted last event (bob), a truncated account (alice), and a
+/// history rewritten with recomputed hashes (carol). The checkpoint sees all three.
+#[tokio::test]
+async fn a_checkpoint_catches_deleted_heads_truncation_and_recomputed_rewrites() {
+    let db = ledger_with_history().await;
+    let ledger = Ledger::new(db.db.write.clone());
+    let carol = UserId::parse("carol").unwrap();
+    ledger
+        .execute(
+            &carol,
+            CreditCommand::Adjust {
+                adjustment_id: "adj-carol".into(),
+                credits: 100,
+                actor: "test".into(),
+                reason: "welcome".into(),
+            },
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+    ledger
+        .execute(&carol, deduct("carol-t1"), HashMap::new())
+        .await
+        .unwrap();
+    Projector::new(db.db.read.clone(), ledger.appended())
+        .drain()
+        .await
+        .unwrap();
+    let file = TempFile::new("tamper");
+    let out = credit_ledger(&db.url, &["audit", "--checkpoint", file.arg()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    db.tamper("DELETE FROM events WHERE aggregate_id = 'bob' AND sequence = 2")
+        .await;
+    db.tamper("DELETE FROM events WHERE aggregate_id = 'alice' AND sequence >= 4")
+        .await;
+    // Rewrite carol's deduction (a non-money field) and recompute every hash after it, exactly
+    // as the insert trigger would have.
+    db.tamper(
+        "UPDATE events SET payload = jsonb_set(payload, '{CreditsDeducted,description}', '\"rewritten\"')
+          WHERE aggregate_id = 'carol' AND sequence = 2",
+    )
+    .await;
+    db.tamper(
+        "DO $$
+         DECLARE e events; prev bytea := '\\x';
+         BEGIN
+           FOR e IN SELECT * FROM events WHERE aggregate_id = 'carol' ORDER BY sequence LOOP
+             e.hash := sha256(prev || convert_to(event_canonical(e), 'UTF8'));
+             UPDATE events SET hash = e.hash
+              WHERE aggregate_type = e.aggregate_type AND aggregate_id = e.aggregate_id
+                AND sequence = e.sequence;
+             prev := e.hash;
+           END LOOP;
+         END $$",
+    )
+    .await;
+    let out = credit_ledger(&db.url, &["projections", "rebuild"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    // Without the checkpoint, nothing is left to see.
+    let out = credit_ledger(&db.url, &["audit"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    let out = credit_ledger(&db.url, &["audit", "--checkpoint", file.arg()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("FAILED: 3 discrepancies"), "{text}");
+    for (kind, account, detail) in [
+        (
+            "checkpoint_head_missing",
+            "alice",
+            "recorded sequence 6 (hash ",
+        ),
+        (
+            "checkpoint_head_missing",
+            "bob",
+            "recorded sequence 2 (hash ",
+        ),
+        ("checkpoint_head_changed", "carol", "was rewritten"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{kind} account={account} "))
+                && l.contains(detail)),
+            "{kind} {account}: {text}"
+        );
+    }
+    assert!(text.contains("the journal ends at sequence 3"), "{text}");
+    assert!(text.contains("the journal ends at sequence 1"), "{text}");
+    assert!(text.contains("NOT held"), "{text}");
+}

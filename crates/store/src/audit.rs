@@ -21,12 +21,15 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
+use crate::checkpoint::{Checkpoint, Head, HeadCheck};
+
 /// One thing the audit found wrong.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Discrepancy {
     /// Stable code: `hash_mismatch`, `sequence_gap`, `balance_mismatch`, `bad_payload`,
     /// `projected_balance_mismatch`, `missing_user`, `unknown_user`, `missing_record`,
-    /// `record_mismatch`, `unknown_record`, `totals_mismatch`.
+    /// `record_mismatch`, `unknown_record`, `totals_mismatch`; against a checkpoint also
+    /// `checkpoint_head_changed` and `checkpoint_head_missing`.
     pub kind: &'static str,
     pub account: Option<String>,
     /// Global position of the event concerned, when there is one.
@@ -76,11 +79,28 @@ pub struct AuditReport {
     pub totals: Totals,
     pub discrepancies: Vec<Discrepancy>,
     pub elapsed_seconds: f64,
+    /// The checkpoint this audit was checked against, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointChecked>,
+    /// Every account's head in this audit's snapshot: the next checkpoint.
+    #[serde(skip)]
+    pub heads: Checkpoint,
+}
+
+/// What an audit against a checkpoint covered (its findings are among the discrepancies:
+/// `checkpoint_head_changed`, `checkpoint_head_missing`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointChecked {
+    pub created: DateTime<Utc>,
+    pub position: i64,
+    pub accounts: u64,
+    pub root: String,
 }
 
 #[derive(Default)]
 struct AccountState {
     last_sequence: i64,
+    last_position: i64,
     last_hash: Vec<u8>,
     balance: i64,
 }
@@ -108,6 +128,16 @@ pub async fn run(
     client: &mut Client,
     progress: Option<Progress<'_>>,
 ) -> anyhow::Result<AuditReport> {
+    run_against(client, progress, None).await
+}
+
+/// Runs the whole audit, and also proves that the journal still holds and extends every head
+/// the checkpoint recorded.
+pub async fn run_against(
+    client: &mut Client,
+    progress: Option<Progress<'_>>,
+    checkpoint: Option<&Checkpoint>,
+) -> anyhow::Result<AuditReport> {
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
@@ -115,7 +145,7 @@ pub async fn run(
         .start()
         .await
         .context("starting the audit's snapshot")?;
-    let report = replay(&tx, progress).await?;
+    let report = replay(&tx, progress, checkpoint).await?;
     tx.commit().await?;
     Ok(report)
 }
@@ -124,6 +154,7 @@ pub async fn run(
 async fn replay(
     client: &Transaction<'_>,
     progress: Option<Progress<'_>>,
+    checkpoint: Option<&Checkpoint>,
 ) -> anyhow::Result<AuditReport> {
     let started = std::time::Instant::now();
     let total: i64 = client
@@ -135,6 +166,8 @@ async fn replay(
     let mut expected = Expected::default();
     let mut totals = Totals::default();
     let mut checked = 0u64;
+    let mut last_position = 0i64;
+    let mut head_check = checkpoint.map(HeadCheck::new);
 
     let stream = client
         .query_raw(
@@ -209,7 +242,12 @@ async fn replay(
             ));
         }
         state.last_sequence = sequence;
+        state.last_position = position;
         state.last_hash = stored_hash.to_vec();
+        last_position = position;
+        if let Some(check) = head_check.as_mut() {
+            discrepancies.extend(check.observe(account, sequence, position, stored_hash));
+        }
 
         let event: CreditEvent = match serde_json::from_str(payload) {
             Ok(e) => e,
@@ -235,6 +273,10 @@ async fn replay(
     }
     if let Some(progress) = progress {
         progress(checked, total as u64);
+    }
+
+    if let Some(check) = head_check {
+        discrepancies.extend(check.finish(|a| accounts.get(a).map(|s| s.last_sequence)));
     }
 
     totals.balances = accounts.values().map(|a| a.balance).sum();
@@ -278,6 +320,22 @@ async fn replay(
     )
     .await?;
 
+    let heads = Checkpoint {
+        created: Utc::now(),
+        position: last_position,
+        events: checked,
+        heads: accounts
+            .iter()
+            .map(|(id, s)| {
+                let head = Head {
+                    sequence: s.last_sequence,
+                    position: s.last_position,
+                    hash: s.last_hash.clone(),
+                };
+                (id.clone(), head)
+            })
+            .collect(),
+    };
     Ok(AuditReport {
         ok: discrepancies.is_empty(),
         events_checked: checked,
@@ -286,6 +344,13 @@ async fn replay(
         totals,
         discrepancies,
         elapsed_seconds: started.elapsed().as_secs_f64(),
+        checkpoint: checkpoint.map(|c| CheckpointChecked {
+            created: c.created,
+            position: c.position,
+            accounts: c.heads.len() as u64,
+            root: hex::encode(c.root()),
+        }),
+        heads,
     })
 }
 
