@@ -32,6 +32,9 @@ pub enum Command {
     Migrate,
     /// Replay the whole journal and verify balances, projections and totals.
     Audit(AuditArgs),
+    /// Write the journal (or one account, or a position range) as JSON Lines with hashes,
+    /// for independent verification (docs/AUDITING.md, tools/verify_export.py).
+    Export(ExportArgs),
     /// Maintain the read tables.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
@@ -58,6 +61,22 @@ pub struct AuditArgs {
 
     #[command(subcommand)]
     pub command: Option<AuditCommand>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only this account's events.
+    #[arg(long, value_parser = parse_user)]
+    pub account: Option<UserId>,
+    /// First global position included.
+    #[arg(long, value_name = "POS")]
+    pub from: Option<i64>,
+    /// Last global position included.
+    #[arg(long, value_name = "POS")]
+    pub to: Option<i64>,
+    /// Write here instead of to standard output (the file must not exist).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

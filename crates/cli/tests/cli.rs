@@ -512,3 +512,199 @@ async fn a_checkpoint_catches_deleted_heads_truncation_and_recomputed_rewrites()
     assert!(text.contains("the journal ends at sequence 1"), "{text}");
     assert!(text.contains("NOT held"), "{text}");
 }
+
+const VERIFIER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/verify_export.py");
+
+async fn verify_export(export: &str, extra: &[&str]) -> Output {
+    tokio::process::Command::new("python3")
+        .arg(VERIFIER)
+        .arg(export)
+        .args(extra)
+        .output()
+        .await
+        .expect("python3 must be installed to run the independent verifier")
+}
+
+fn edit_lines(path: &std::path::Path, edit: impl Fn(&mut serde_json::Value) -> bool) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let out: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            edit(&mut v).then(|| v.to_string())
+        })
+        .collect();
+    std::fs::write(path, out.join("\n") + "\n").unwrap();
+}
+
+/// The Python verifier (standard library only) recomputes every chain and balance from an
+/// export the binary wrote, checks the signed checkpoint, and catches tampering with the
+/// export itself and with the journal before the checkpoint.
+#[tokio::test]
+async fn an_export_is_verified_independently_against_a_signed_checkpoint() {
+    let db = ledger_with_history().await;
+    let key = credit_store::checkpoint::signing_key_from_hex(SEED).unwrap();
+    let public = hex::encode(key.verifying_key().as_bytes());
+    let checkpoint = TempFile::new("py-checkpoint");
+    let out = credit_ledger_env(
+        &db.url,
+        &["audit", "--checkpoint", checkpoint.arg()],
+        &[("AUDIT_SIGNING_KEY", SEED)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    // The journal moves on after the checkpoint.
+    let ledger = Ledger::new(db.db.write.clone());
+    ledger
+        .execute(
+            &UserId::parse("bob").unwrap(),
+            CreditCommand::Adjust {
+                adjustment_id: "adj-bob".into(),
+                credits: 5,
+                actor: "test".into(),
+                reason: "goodwill".into(),
+            },
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+
+    let export = TempFile::new("export");
+    let out = credit_ledger(&db.url, &["export", "--output", export.arg()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let ck = ["--checkpoint", checkpoint.arg(), "--public-key", &public];
+    let out = verify_export(export.arg(), &ck).await;
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("events verified    9 (2 accounts)"), "{text}");
+    assert!(
+        text.contains("recharged 600 - spent 20 + refunded 10 + granted 5 - reversed 0"),
+        "{text}"
+    );
+    assert!(text.contains("balances           595"), "{text}");
+    assert!(text.contains("2 of 2 heads found"), "{text}");
+    assert!(text.contains(&format!("signed by {public}")), "{text}");
+
+    // One account, and a position range: chains checked from their first exported event.
+    let alice = credit_ledger(&db.url, &["export", "--account", "alice"]).await;
+    assert_eq!(alice.status.code(), Some(0));
+    assert_eq!(
+        stdout(&alice).lines().count(),
+        6 + 2,
+        "header, 6 events, end"
+    );
+    let range = TempFile::new("range");
+    let out = credit_ledger(
+        &db.url,
+        &["export", "--from", "4", "--to", "7", "-o", range.arg()],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let out = verify_export(range.arg(), &ck).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("partial export"), "{}", stdout(&out));
+
+    // Tampering with the export: an edited amount breaks the hash and the balance.
+    let edited = TempFile::new("edited");
+    std::fs::copy(&export.0, &edited.0).unwrap();
+    edit_lines(&edited.0, |v| {
+        if v["event_type"] == "CreditsDeducted" && v["sequence"] == 3 {
+            let p = v["payload"]
+                .as_str()
+                .unwrap()
+                .replace("\"credits\": 10", "\"credits\": 1");
+            v["payload"] = p.into();
+        }
+        true
+    });
+    let out = verify_export(edited.arg(), &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("(account alice, sequence 3, ")
+                && l.ends_with("hash mismatch (content or chain edited)")),
+        "{text}"
+    );
+    assert!(
+        text.contains("balance_after is 490, but 500 -1 = 499"),
+        "{text}"
+    );
+
+    // A dropped event (the end count fixed up to hide it): the chain breaks.
+    let dropped = TempFile::new("dropped");
+    std::fs::copy(&export.0, &dropped.0).unwrap();
+    edit_lines(&dropped.0, |v| {
+        if v["end"] == true {
+            v["events"] = 8.into();
+        }
+        !(v["aggregate_id"] == "alice" && v["sequence"] == 4)
+    });
+    let out = verify_export(dropped.arg(), &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("expected sequence 4"),
+        "{}",
+        stdout(&out)
+    );
+
+    // The journal rewritten before the checkpoint with recomputed hashes: the export alone
+    // is consistent, the checkpoint is not held.
+    db.tamper(
+        "UPDATE events SET payload = jsonb_set(payload, '{RechargeRequested,provider}', '\"x\"')
+          WHERE aggregate_id = 'bob' AND sequence = 1",
+    )
+    .await;
+    db.tamper(
+        "DO $$
+         DECLARE e events; prev bytea := '\\x';
+         BEGIN
+           FOR e IN SELECT * FROM events WHERE aggregate_id = 'bob' ORDER BY sequence LOOP
+             e.hash := sha256(prev || convert_to(event_canonical(e), 'UTF8'));
+             UPDATE events SET hash = e.hash
+              WHERE aggregate_type = e.aggregate_type AND aggregate_id = e.aggregate_id
+                AND sequence = e.sequence;
+             prev := e.hash;
+           END LOOP;
+         END $$",
+    )
+    .await;
+    let rewritten = TempFile::new("rewritten");
+    let out = credit_ledger(&db.url, &["export", "-o", rewritten.arg()]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        verify_export(rewritten.arg(), &[]).await.status.code(),
+        Some(0)
+    );
+    let out = verify_export(rewritten.arg(), &ck).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("checkpoint: account bob sequence 2 was rewritten"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A checkpoint edited by hand, or checked against another key, is refused outright.
+    let wrong_key = hex::encode(
+        credit_store::checkpoint::signing_key_from_hex(&"08".repeat(32))
+            .unwrap()
+            .verifying_key()
+            .as_bytes(),
+    );
+    let out = verify_export(
+        export.arg(),
+        &["--checkpoint", checkpoint.arg(), "--public-key", &wrong_key],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let cp = std::fs::read_to_string(&checkpoint.0).unwrap();
+    std::fs::write(&checkpoint.0, cp.replace("\nevents 8\n", "\nevents 7\n")).unwrap();
+    let out = verify_export(export.arg(), &ck).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root hash does not match"));
+}

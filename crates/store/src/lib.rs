@@ -8,6 +8,7 @@ pub mod audit;
 pub mod checkpoint;
 pub mod db;
 pub mod executor;
+pub mod export;
 pub mod projector;
 pub mod queries;
 
