@@ -23,11 +23,16 @@ impl TestDb {
     }
 
     pub async fn with_pools(write: u32, read: usize) -> Self {
-        let base = server_url();
+        Self::on_server(&server_url(), write, read).await
+    }
+
+    /// A fresh database on another server (`base` is any database URL of it), e.g. a
+    /// [`crate::postgres::PrivatePostgres`].
+    pub async fn on_server(base: &str, write: u32, read: usize) -> Self {
         let name = format!("credit_ledger_test_{}", uuid::Uuid::new_v4().simple());
         let url = match base.rsplit_once('/') {
             Some((server, _)) => format!("{server}/{name}"),
-            None => panic!("TEST_DATABASE_URL has no database part: {base}"),
+            None => panic!("the server URL has no database part: {base}"),
         };
         let mut config = DbConfig::new(url.clone());
         config.write_connections = write;

@@ -4,3 +4,4 @@
 pub mod db;
 pub mod fake_grsai;
 pub mod fake_stripe;
+pub mod postgres;

@@ -164,16 +164,25 @@ impl TestApp {
 
     /// As [`TestApp::spawn`], with extra or overriding environment variables.
     pub async fn spawn_with(vars: &[(&str, &str)]) -> Self {
-        Self::start(Kind::Full, vars).await
+        Self::start(Kind::Full, vars, None).await
+    }
+
+    /// As [`TestApp::spawn_with`], on another PostgreSQL server (`server`: any database URL
+    /// of it), e.g. a private one a fault test restarts.
+    pub async fn spawn_on(server: &str, vars: &[(&str, &str)]) -> Self {
+        Self::start(Kind::Full, vars, Some(server)).await
     }
 
     /// Demo mode: no Stripe, Grsai or JWT key; the simulated provider answers in 200 ms.
     pub async fn demo(vars: &[(&str, &str)]) -> Self {
-        Self::start(Kind::Demo, vars).await
+        Self::start(Kind::Demo, vars, None).await
     }
 
-    async fn start(kind: Kind, vars: &[(&str, &str)]) -> Self {
-        let db = TestDb::with_pools(2, 4).await;
+    async fn start(kind: Kind, vars: &[(&str, &str)], server: Option<&str>) -> Self {
+        let db = match server {
+            None => TestDb::with_pools(2, 4).await,
+            Some(server) => TestDb::on_server(server, 2, 4).await,
+        };
         let mut env: HashMap<String, String> = HashMap::new();
         let mut set = |k: &str, v: &str| {
             env.insert(k.to_owned(), v.to_owned());
