@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::json;
 
 #[tokio::test]
 async fn an_exhausted_read_pool_answers_503_in_time_and_recovers() {
@@ -230,4 +231,120 @@ async fn postgres_restarted_under_load_recovers_and_keeps_every_acknowledged_com
     let audit = app.admin_get("/api/admin/audit").await;
     assert_eq!(audit.body["ok"], true, "{}", audit.text);
     app.stop().await;
+}
+
+/// Two instances of the service on one database, as two processes would be (each with its own
+/// pools, per-account queue, projector and jobs), under concurrent load on the same accounts:
+/// grants through both, one keyed adjustment sent to both, a Stripe completion delivered four
+/// times across both, generates through both, and each callback delivered four times across
+/// both. Balances are exact, nothing is applied twice, and the audit is clean on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_database_stay_exact_under_concurrent_load() {
+    let a = TestApp::spawn().await;
+    let b = a.spawn_sibling().await;
+    let users: Vec<String> = (0..3).map(|i| user(&format!("twin{i}"))).collect();
+
+    let flows = users.iter().map(|u| {
+        let (a, b) = (&a, &b);
+        async move {
+            let token = a.token(u);
+            let (ga, gb, ka, kb) = tokio::join!(
+                a.adjust(u, 1000, "through a"),
+                b.adjust(u, 500, "through b"),
+                keyed_gift(a, u),
+                keyed_gift(b, u)
+            );
+            ga.expect(201);
+            gb.expect(201);
+            let mut keyed_statuses = [ka.status, kb.status];
+            keyed_statuses.sort();
+            assert_eq!(keyed_statuses, [200, 201], "{} / {}", ka.text, kb.text);
+
+            let r = a.post_recharge(&token, json!({ "amount": 10 })).await;
+            r.expect(201);
+            let event = completed_event(&r.str("recharge_id"), u, 1000, "paid");
+            let deliveries = tokio::join!(
+                a.send_event(&event),
+                b.send_event(&event),
+                a.send_event(&event),
+                b.send_event(&event)
+            );
+            for d in [deliveries.0, deliveries.1, deliveries.2, deliveries.3] {
+                d.expect(200);
+            }
+
+            let generated = futures::future::join_all((0..6).map(|i| {
+                let app = if i % 2 == 0 { a } else { b };
+                let token = token.clone();
+                async move {
+                    let r = app
+                        .generate(&token, json!({ "prompt": format!("twin {i}") }))
+                        .await;
+                    r.expect(202);
+                    r.str("task_id")
+                }
+            }))
+            .await;
+            for (i, task) in generated.iter().enumerate() {
+                let pid = a.provider_id(&token, task).await;
+                let result = if i % 2 == 1 {
+                    fake_grsai::failed_result(&pid, "error", "x")
+                } else {
+                    fake_grsai::succeeded_result(&pid, "https://v/ok.mp4")
+                };
+                // The URL names the instance that submitted the task; deliver to both.
+                let url = a.callback_url(task);
+                let (_, path) = url.split_once("/api/").unwrap();
+                let via_a = a.url(&format!("/api/{path}"));
+                let via_b = b.url(&format!("/api/{path}"));
+                let statuses = tokio::join!(
+                    fake_grsai::deliver(&via_a, &result),
+                    fake_grsai::deliver(&via_b, &result),
+                    fake_grsai::deliver(&via_a, &result),
+                    fake_grsai::deliver(&via_b, &result)
+                );
+                for s in [statuses.0, statuses.1, statuses.2, statuses.3] {
+                    assert_eq!(s.as_u16(), 200, "callback for {task}");
+                }
+            }
+            // 1,000 + 500 + 7 granted, 1,000 recharged, 6 × 10 spent, 3 × 10 refunded.
+            let expected = 1000 + 500 + 7 + 1000 - 60 + 30;
+            a.wait_for_balance(&token, expected).await;
+            b.wait_for_balance(&token, expected).await;
+            for (event, n) in [
+                ("CreditsAdjusted", 3),
+                ("RechargeCompleted", 1),
+                ("CreditsDeducted", 6),
+                ("CreditsRefunded", 3),
+                ("VideoSucceeded", 3),
+            ] {
+                assert_eq!(a.events_of(u, event).await, n, "{u} {event}");
+            }
+        }
+    });
+    futures::future::join_all(flows).await;
+
+    a.wait_projected().await;
+    for app in [&a, &b] {
+        let audit = app.admin_get("/api/admin/audit").await;
+        assert_eq!(audit.body["ok"], true, "{}", audit.text);
+    }
+    b.stop().await;
+    a.stop().await;
+}
+
+/// An adjustment of 7 credits under the Idempotency-Key `gift-<user>`.
+async fn keyed_gift(app: &TestApp, u: &str) -> Resp {
+    let key = format!("gift-{u}");
+    app.send(
+        reqwest::Method::POST,
+        &format!("/api/admin/accounts/{u}/adjustments"),
+        Some(ADMIN_TOKEN),
+        &[
+            ("content-type", "application/json"),
+            ("idempotency-key", &key),
+        ],
+        Some(json!({ "credits": 7, "reason": "gift" }).to_string()),
+    )
+    .await
 }

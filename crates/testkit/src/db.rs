@@ -13,6 +13,8 @@ pub fn server_url() -> String {
 pub struct TestDb {
     pub url: String,
     pub db: Database,
+    /// Whether dropping this handle drops the database (false for [`TestDb::shared`]).
+    owner: bool,
 }
 
 impl TestDb {
@@ -41,7 +43,28 @@ impl TestDb {
             Ok(db) => db,
             Err(e) => panic!("cannot create test database (is PostgreSQL running?): {e:#}"),
         };
-        Self { url, db }
+        Self {
+            url,
+            db,
+            owner: true,
+        }
+    }
+
+    /// Another handle on the same database, with pools of its own (what a second process of
+    /// the service would have); dropping it leaves the database to its owner.
+    pub async fn shared(&self) -> Self {
+        let mut config = DbConfig::new(self.url.clone());
+        config.write_connections = 2;
+        config.read_connections = 4;
+        let db = match Database::connect_and_migrate(&config).await {
+            Ok(db) => db,
+            Err(e) => panic!("cannot connect to the test database again: {e:#}"),
+        };
+        Self {
+            url: self.url.clone(),
+            db,
+            owner: false,
+        }
     }
 
     /// Runs `sql` as the superuser test role with the append-only triggers switched off for
@@ -76,6 +99,9 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         self.db.read.close();
+        if !self.owner {
+            return;
+        }
         let url = self.url.clone();
         // Drop the database from a separate thread: we may be inside a runtime.
         let _ = std::thread::spawn(move || {

@@ -154,6 +154,8 @@ pub struct TestApp {
     /// Stops the running application (its type is not exported by the crate).
     stopper: Option<Stopper>,
     pub db: TestDb,
+    /// The configuration it was started with.
+    env: HashMap<String, String>,
 }
 
 impl TestApp {
@@ -213,6 +215,22 @@ impl TestApp {
         for (k, v) in vars {
             set(k, v);
         }
+        Self::launch(env, db, stripe, grsai).await
+    }
+
+    /// A second instance of the service on this one's database, fakes and configuration, as
+    /// a second process would be: its own pools, executor, projector and background jobs.
+    /// (Its `stripe()` and `grsai()` are the first instance's; ask that one.)
+    pub async fn spawn_sibling(&self) -> Self {
+        Self::launch(self.env.clone(), self.db.shared().await, None, None).await
+    }
+
+    async fn launch(
+        env: HashMap<String, String>,
+        db: TestDb,
+        stripe: Option<FakeStripe>,
+        grsai: Option<FakeGrsai>,
+    ) -> Self {
         let config = Config::from_lookup(|k| env.get(k).cloned())
             .unwrap_or_else(|e| panic!("test configuration refused: {e}"));
         let app = Application::build(config)
@@ -229,6 +247,7 @@ impl TestApp {
             grsai,
             stopper: Some(stopper),
             db,
+            env,
         }
     }
 
