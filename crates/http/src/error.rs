@@ -103,7 +103,21 @@ impl From<anyhow::Error> for ApiError {
 
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::internal(e)
+        use deadpool_postgres::PoolError as E;
+        match e {
+            // No connection within the pool's wait (every one held by slow queries), or none
+            // could be opened (the database is down or restarting). Nothing was done yet: the
+            // client may retry, so say so instead of a 500 (crates/http/tests/faults.rs).
+            E::Timeout(_) | E::Backend(_) => {
+                tracing::warn!(error = %e, "database unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is unavailable or overloaded; nothing was done, retry shortly",
+                )
+            }
+            other => Self::internal(other),
+        }
     }
 }
 
