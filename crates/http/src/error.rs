@@ -121,6 +121,25 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A read-side failure: the database going away is `database_unavailable` (503, nothing
+    /// was done), anything else a 500.
+    pub fn from_store(e: anyhow::Error) -> Self {
+        match e.downcast::<tokio_postgres::Error>() {
+            Ok(db) if db.is_closed() || db.as_db_error().is_none() => {
+                tracing::warn!(error = %db, "database unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is unavailable or overloaded; nothing was done, retry shortly",
+                )
+            }
+            Ok(db) => Self::internal(db),
+            Err(other) => Self::internal(format!("{other:#}")),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
         Self::internal(e)

@@ -185,10 +185,13 @@ async fn postgres_restarted_under_load_recovers_and_keeps_every_acknowledged_com
         "too little load: {}",
         acknowledged.len()
     );
-    assert!(
-        refused > 0,
-        "the restart went unnoticed: was it under load?"
-    );
+    // Whether a request was in flight at the instant of the restart depends on timing (the
+    // write pool checks a connection before handing it out and reconnects): not an
+    // assertion, or the test would be flaky on a loaded machine. Said, for whoever reads
+    // the log.
+    if refused == 0 {
+        eprintln!("note: no request was refused during the restart (none was in flight)");
+    }
 
     // Recovered by itself: a new command goes through.
     wait_for("a command after the restart", || {

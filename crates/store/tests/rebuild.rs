@@ -13,7 +13,12 @@ use credit_store::projector;
 /// Every row of every read table, as JSON text, in a stable order.
 async fn tables(client: &tokio_postgres::Client) -> Vec<String> {
     let mut all = Vec::new();
-    for table in ["users", "recharge_records", "consumption_records", "video_tasks"] {
+    for table in [
+        "users",
+        "recharge_records",
+        "consumption_records",
+        "video_tasks",
+    ] {
         let rows = client
             .query(
                 &format!("SELECT row_to_json(t)::text FROM {table} t ORDER BY t.id"),
@@ -21,7 +26,10 @@ async fn tables(client: &tokio_postgres::Client) -> Vec<String> {
             )
             .await
             .unwrap();
-        all.extend(rows.iter().map(|r| format!("{table}: {}", r.get::<_, String>(0))));
+        all.extend(
+            rows.iter()
+                .map(|r| format!("{table}: {}", r.get::<_, String>(0))),
+        );
     }
     all
 }
@@ -71,7 +79,14 @@ async fn a_rebuild_reproduces_every_read_table_column_by_column() {
         .unwrap();
     }
     // Tasks in every state.
-    for t in ["t-charged", "t-uncertain", "t-running", "t-done", "t-failed", "t-late"] {
+    for t in [
+        "t-charged",
+        "t-uncertain",
+        "t-running",
+        "t-done",
+        "t-failed",
+        "t-late",
+    ] {
         env.run(&alice, deduct(t)).await.unwrap();
     }
     env.run(
@@ -116,7 +131,10 @@ async fn a_rebuild_reproduces_every_read_table_column_by_column() {
     env.projector.drain().await.unwrap();
     let client = env.test.client().await;
     let before = tables(&client).await;
-    assert!(before.iter().any(|r| r.contains("\"progress\":40")), "{before:#?}");
+    assert!(
+        before.iter().any(|r| r.contains("\"progress\":40")),
+        "{before:#?}"
+    );
     // Time passes: a rebuild must not take its own time for anything.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     projector::rebuild(&env.projector).await.unwrap();

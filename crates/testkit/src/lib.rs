@@ -4,5 +4,5 @@
 pub mod db;
 pub mod fake_grsai;
 pub mod fake_stripe;
-pub mod stripe_story;
 pub mod postgres;
+pub mod stripe_story;
