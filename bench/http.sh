@@ -24,7 +24,7 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 50); do [ -s "$out/fake-grsai.url" ] && break; sleep 0.1; done
 
-DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db" LISTEN_ADDR="127.0.0.1:$port" \
+DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db?sslmode=disable" LISTEN_ADDR="127.0.0.1:$port" \
 AUTH_JWT_SECRET="$secret" ADMIN_TOKEN="$admin" GRSAI_API_KEY=bench-key \
 GRSAI_API_BASE="$(cat "$out/fake-grsai.url")" RUST_LOG=warn \
   target/release/credit-ledger serve > "$out/service.log" 2>&1 &

@@ -28,6 +28,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../migrations/0004_payment_id_index.sql"),
     ),
     (
+        "0005_reversals_and_uncertain_tasks",
+        include_str!("../../../migrations/0005_reversals_and_uncertain_tasks.sql"),
+    ),
+    (
         "0006_append_only",
         include_str!("../../../migrations/0006_append_only.sql"),
     ),
