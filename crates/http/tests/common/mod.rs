@@ -136,19 +136,6 @@ where
 
 type Stopper = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// Builds and spawns one process of the service; returns its port and how to stop it.
-async fn launch(env: &HashMap<String, String>) -> (u16, Stopper) {
-    let config = Config::from_lookup(|k| env.get(k).cloned())
-        .unwrap_or_else(|e| panic!("test configuration refused: {e}"));
-    let app = Application::build(config)
-        .await
-        .unwrap_or_else(|e| panic!("application failed to build: {e:#}"));
-    let port = app.port();
-    let running = app.spawn();
-    let stopper: Stopper = Box::new(move || Box::pin(running.stop()));
-    (port, stopper)
-}
-
 /// Which outside world the application sees.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -167,27 +154,8 @@ pub struct TestApp {
     /// Stops the running application (its type is not exported by the crate).
     stopper: Option<Stopper>,
     pub db: TestDb,
-    /// The configuration it was started with, for a second process on the same database.
+    /// The configuration it was started with.
     env: HashMap<String, String>,
-}
-
-/// Another process of the service on the same database, as a second replica behind a load
-/// balancer would be.
-pub struct Replica {
-    pub base: String,
-    stopper: Option<Stopper>,
-}
-
-impl Replica {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stopper.take() {
-            stop().await;
-        }
-    }
 }
 
 impl TestApp {
@@ -247,7 +215,30 @@ impl TestApp {
         for (k, v) in vars {
             set(k, v);
         }
-        let (port, stopper) = launch(&env).await;
+        Self::launch(env, db, stripe, grsai).await
+    }
+
+    /// A second instance of the service on this one's database, fakes and configuration, as
+    /// a second process would be: its own pools, executor, projector and background jobs.
+    /// (Its `stripe()` and `grsai()` are the first instance's; ask that one.)
+    pub async fn spawn_sibling(&self) -> Self {
+        Self::launch(self.env.clone(), self.db.shared().await, None, None).await
+    }
+
+    async fn launch(
+        env: HashMap<String, String>,
+        db: TestDb,
+        stripe: Option<FakeStripe>,
+        grsai: Option<FakeGrsai>,
+    ) -> Self {
+        let config = Config::from_lookup(|k| env.get(k).cloned())
+            .unwrap_or_else(|e| panic!("test configuration refused: {e}"));
+        let app = Application::build(config)
+            .await
+            .unwrap_or_else(|e| panic!("application failed to build: {e:#}"));
+        let port = app.port();
+        let running = app.spawn();
+        let stopper: Stopper = Box::new(move || Box::pin(running.stop()));
         Self {
             base: format!("http://127.0.0.1:{port}"),
             port,
@@ -257,33 +248,6 @@ impl TestApp {
             stopper: Some(stopper),
             db,
             env,
-        }
-    }
-
-    /// A second instance of the service on this one's database, fakes and configuration, as
-    /// a second process would be (its own pools, executor, projector and background jobs),
-    /// with every helper of a `TestApp`. (Its `stripe()` and `grsai()` are the first
-    /// instance's; ask that one.)
-    pub async fn spawn_sibling(&self) -> Self {
-        let (port, stopper) = launch(&self.env).await;
-        Self {
-            base: format!("http://127.0.0.1:{port}"),
-            port,
-            http: reqwest::Client::new(),
-            stripe: None,
-            grsai: None,
-            stopper: Some(stopper),
-            db: self.db.shared().await,
-            env: self.env.clone(),
-        }
-    }
-
-    /// A second process of the service on this database, same configuration.
-    pub async fn replica(&self) -> Replica {
-        let (port, stopper) = launch(&self.env).await;
-        Replica {
-            base: format!("http://127.0.0.1:{port}"),
-            stopper: Some(stopper),
         }
     }
 
