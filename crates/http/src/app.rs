@@ -27,9 +27,17 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(mut config: Config) -> anyhow::Result<Self> {
         for feature in config.demo_features() {
             tracing::warn!("DEMO MODE: {feature}");
+        }
+        if config.is_demo() {
+            // The auditor's pages are part of the demo. Like the demo sign-in secret, this
+            // token is made per process and dies with it; it is no real credential, so it
+            // may be shown (it is the only way to learn it).
+            let token = crate::auth::random_secret();
+            tracing::warn!("DEMO MODE: admin token {token} (per process; ADMIN_TOKEN unset)");
+            config.admin_token = Some(secrecy::SecretString::from(token));
         }
         let mut db_config = DbConfig::new(config.database_url.clone());
         db_config.write_connections = config.write_connections;
@@ -72,7 +80,6 @@ impl Application {
         let listener = TcpListener::bind(config.listen_addr)
             .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
-        let mut config = config;
         // With port 0 the real port is known only now.
         if config.public_base_url.ends_with(":0") {
             config.public_base_url = format!("http://{}:{port}", config.listen_addr.ip());

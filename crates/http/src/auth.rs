@@ -40,10 +40,7 @@ impl JwtKeys {
 
     /// A random per-process secret, for demo sign-in.
     pub fn random() -> Self {
-        use rand::RngCore;
-        let mut bytes = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut bytes);
-        Self::new(SecretString::from(hex::encode(bytes)), None)
+        Self::new(SecretString::from(random_secret()), None)
     }
 
     fn mac(&self) -> Hmac<Sha256> {
@@ -191,6 +188,14 @@ impl FromRequest for Admin {
             Ok(Admin)
         })())
     }
+}
+
+/// 32 random bytes, hex: the demo mode's per-process secrets.
+pub fn random_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
 }
 
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
