@@ -69,11 +69,11 @@ impl Application {
                 credit_grsai::SimulatedVideoProvider::new().with_delay(config.demo_video_delay),
             ),
         };
-        let (jwt, demo_auth) = match &config.jwt_secret {
-            Some(secret) => (
-                JwtKeys::new(secret.clone(), config.jwt_audience.clone()),
-                false,
-            ),
+        let (jwt, demo_auth) = match JwtKeys::from_config(&config)? {
+            Some(keys) => {
+                keys.prefetch().await;
+                (keys, false)
+            }
             None => (JwtKeys::random(), true),
         };
 

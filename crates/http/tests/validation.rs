@@ -119,7 +119,7 @@ async fn user_endpoints_refuse_missing_and_wrong_tokens() {
         (
             Some(bearer(jwt(
                 JWT_SECRET,
-                &json!({"sub": u, "exp": now() - 10}),
+                &json!({"sub": u, "exp": now() - 120}),
             ))),
             "token_expired",
             "expired",

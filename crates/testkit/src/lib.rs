@@ -3,4 +3,5 @@
 
 pub mod db;
 pub mod fake_grsai;
+pub mod fake_jwks;
 pub mod fake_stripe;

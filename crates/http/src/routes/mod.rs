@@ -137,7 +137,7 @@ async fn dev_token(
     }
     let user = credit_domain::UserId::parse(body.user_id.trim())
         .map_err(|e| ApiError::invalid("invalid_user_id", e.to_string()))?;
-    let (token, exp) = state.jwt.issue(&user, 24 * 3600);
+    let (token, exp) = state.jwt.issue(&user, 24 * 3600)?;
     Ok(HttpResponse::Ok().json(json!({
         "token": token,
         "user_id": user.as_str(),
