@@ -34,7 +34,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Projections(ProjectionsCommand::Rebuild) => rebuild(&url).await,
         Command::Serve => {
-            serve::serve().await?;
+            serve::serve(url).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -113,6 +113,10 @@ impl Application {
                 .wrap(tracing_actix_web::TracingLogger::<
                     crate::telemetry::RedactingSpans,
                 >::new())
+                // Outermost: the id exists before the span opens and reaches every answer.
+                .wrap(actix_web::middleware::from_fn(
+                    crate::telemetry::request_ids,
+                ))
                 .app_data(server_state.clone())
                 .app_data(
                     web::JsonConfig::default()
@@ -201,6 +205,8 @@ fn cors(origins: &[String]) -> actix_cors::Cors {
             actix_web::http::header::CONTENT_TYPE,
         ])
         .allowed_header("Idempotency-Key")
+        .allowed_header("X-Request-Id")
+        .expose_headers(vec!["X-Request-Id"])
         .max_age(3600);
     for origin in origins {
         cors = if origin == "*" {
