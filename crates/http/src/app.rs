@@ -39,6 +39,7 @@ impl Application {
             tracing::warn!("DEMO MODE: admin token {token} (per process; ADMIN_TOKEN unset)");
             config.admin_token = Some(secrecy::SecretString::from(token));
         }
+        crate::metrics::install();
         let mut db_config = DbConfig::new(config.database_url.clone());
         db_config.write_connections = config.write_connections;
         db_config.read_connections = config.read_connections;
@@ -113,6 +114,7 @@ impl Application {
                 .wrap(tracing_actix_web::TracingLogger::<
                     crate::telemetry::RedactingSpans,
                 >::new())
+                .wrap(actix_web::middleware::from_fn(crate::metrics::http_metrics))
                 // Outermost: the id exists before the span opens and reaches every answer.
                 .wrap(actix_web::middleware::from_fn(
                     crate::telemetry::request_ids,
@@ -125,6 +127,7 @@ impl Application {
                 )
                 .app_data(web::QueryConfig::default().error_handler(|e, _| query_error(e).into()))
                 .app_data(web::PathConfig::default().error_handler(|e, _| path_error(e).into()))
+                .route("/metrics", web::get().to(crate::metrics::scrape))
                 .configure(crate::routes::configure)
         })
         .listen(listener)?

@@ -293,7 +293,7 @@ impl Jwks {
     }
 }
 
-fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
+pub(crate) fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     let value = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)

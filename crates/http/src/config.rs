@@ -68,6 +68,8 @@ pub struct Config {
     pub settlement_interval: Duration,
     pub demo_video_delay: Duration,
     pub cors_allowed_origins: Vec<String>,
+    /// `None`: `GET /metrics` is open (keep it off the public proxy).
+    pub metrics_token: Option<SecretString>,
     pub write_connections: u32,
     pub read_connections: usize,
 }
@@ -118,6 +120,13 @@ impl Config {
         };
         if jwt_leeway > Duration::from_secs(300) {
             return Err(err("AUTH_JWT_LEEWAY", "must be at most 5m"));
+        }
+        let metrics_token = secret("METRICS_TOKEN");
+        if let Some(s) = &metrics_token {
+            use secrecy::ExposeSecret;
+            if s.expose_secret().len() < 12 {
+                return Err(err("METRICS_TOKEN", "must be at least 12 characters"));
+            }
         }
         let admin_token = secret("ADMIN_TOKEN");
         if let Some(s) = &admin_token {
@@ -264,6 +273,7 @@ impl Config {
             settlement_interval,
             demo_video_delay,
             cors_allowed_origins,
+            metrics_token,
             write_connections: write_connections as u32,
             read_connections: read_connections as usize,
         };

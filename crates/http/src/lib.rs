@@ -9,6 +9,7 @@ mod auth;
 mod body;
 pub mod config;
 mod error;
+mod metrics;
 mod money;
 mod routes;
 mod settlement;

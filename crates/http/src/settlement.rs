@@ -106,6 +106,7 @@ pub async fn settle_once(state: &AppState) -> anyhow::Result<usize> {
         if outcome {
             settled += 1;
         }
+        metrics::counter!("settlement_tasks_total", "settled" => outcome.to_string()).increment(1);
     }
     Ok(settled)
 }
@@ -127,7 +128,11 @@ async fn fail(
         .execute(user, command, Default::default())
         .await
     {
-        Ok(_) => Ok(true),
+        Ok(_) => {
+            metrics::counter!("settlement_refunds_total", "reason" => reason.to_owned())
+                .increment(1);
+            Ok(true)
+        }
         Err(ExecuteError::Rejected(LedgerError::TaskAlreadySettled { .. })) => Ok(false),
         Err(e) => Err(anyhow::anyhow!("{e}")),
     }

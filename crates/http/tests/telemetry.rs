@@ -1,9 +1,11 @@
-//! What operators watch: request ids (header, error bodies, event metadata).
+//! What operators watch: request ids (header, error bodies, event metadata) and the
+//! Prometheus metrics at `GET /metrics`.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use common::fake_grsai::failed_result;
 use common::*;
 use serde_json::{json, Value};
 
@@ -111,4 +113,108 @@ async fn a_missing_or_unacceptable_request_id_is_replaced_by_a_new_one() {
     assert!(r.body["error"]["request_id"].is_string(), "{}", r.text);
     let r = app.get("/no/such/route", None).await;
     assert!(r.body["error"]["request_id"].is_string(), "{}", r.text);
+}
+
+/// The sum of every series of `name` whose labels include all of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+async fn scrape(app: &TestApp, token: Option<&str>) -> String {
+    let r = app.get("/metrics", token).await;
+    r.expect(200);
+    r.text
+}
+
+/// Metrics are per process and tests of this binary run side by side: every check is a
+/// difference, on series this test alone moves.
+#[tokio::test]
+async fn metrics_move_by_what_a_flow_did() {
+    let metrics_token = "metrics-token-0123456789";
+    let app = TestApp::spawn_with(&[("METRICS_TOKEN", metrics_token)]).await;
+    app.get("/metrics", None)
+        .await
+        .expect_error(401, "missing_token");
+    app.get("/metrics", Some("wrong-token-0123456789"))
+        .await
+        .expect_error(401, "invalid_metrics_token");
+    let before = scrape(&app, Some(metrics_token)).await;
+
+    let u = user("metered");
+    let token = app.token(&u);
+    app.paid_recharge(&u, 500).await; // 500 credits
+    let ok = app.generate_ok(&token, "a fox").await;
+    let bad = app.generate_ok(&token, "a failing fox").await;
+    let pid = app.provider_id(&token, &bad).await;
+    assert_eq!(
+        app.callback(&bad, &failed_result(&pid, "output_moderation", "blocked"))
+            .await,
+        200
+    );
+    app.wait_for_balance(&token, 490).await;
+    let _ = ok;
+    let after = scrape(&app, Some(metrics_token)).await;
+
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        metric(&after, name, labels) - metric(&before, name, labels)
+    };
+    assert_eq!(delta("credits_recharged_total", &[]), 500.0, "{after}");
+    assert_eq!(delta("credits_spent_total", &[]), 20.0);
+    assert_eq!(delta("credits_refunded_total", &[]), 10.0);
+    assert_eq!(
+        delta(
+            "ledger_commands_total",
+            &[("kind", "DeductForTask"), ("outcome", "committed")]
+        ),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        delta(
+            "http_requests_total",
+            &[("route", "/api/video/generate"), ("status", "202")]
+        ),
+        2.0
+    );
+    assert!(
+        delta(
+            "http_request_duration_seconds_count",
+            &[("route", "/api/video/generate")]
+        ) >= 2.0
+    );
+    assert_eq!(
+        delta(
+            "stripe_webhook_events_total",
+            &[("type", "checkout.session.completed")]
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        delta(
+            "grsai_calls_total",
+            &[("endpoint", "/v1/video/sora-video"), ("outcome", "ok")]
+        ),
+        2.0,
+        "{after}"
+    );
+    assert!(delta("ledger_batch_size_count", &[]) >= 1.0);
+    assert!(after.contains("projector_lag_seconds"), "{after}");
+    assert!(after.contains("projector_pending_events"));
 }

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod db;
 pub mod executor;
+pub mod metrics;
 pub mod projector;
 pub mod queries;
 

@@ -54,6 +54,7 @@ pub async fn receive(
         .await?;
     if let Some(row) = seen {
         let outcome: String = row.get(0);
+        metrics::counter!("stripe_webhook_events_total", "type" => event.event_type.clone(), "outcome" => "duplicate").increment(1);
         return Ok(HttpResponse::Ok()
             .json(json!({ "received": true, "duplicate": true, "outcome": outcome })));
     }
@@ -61,6 +62,7 @@ pub async fn receive(
 
     let outcome = handle(&state, &event).await?;
     tracing::info!(stripe.event_id = %event.id, stripe.event_type = %event.event_type, outcome, "stripe event handled");
+    metrics::counter!("stripe_webhook_events_total", "type" => event.event_type.clone(), "outcome" => outcome.to_string()).increment(1);
     let client = state.read().await?;
     client
         .execute(
