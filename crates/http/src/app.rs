@@ -16,10 +16,12 @@ use tokio::task::JoinHandle;
 use crate::auth::JwtKeys;
 use crate::config::Config;
 use crate::error::{json_error, path_error, query_error};
+use crate::health::Readiness;
 use crate::state::AppState;
 
 pub struct Application {
     port: u16,
+    readiness: Readiness,
     server: Server,
     state: web::Data<AppState>,
     shutdown: watch::Sender<bool>,
@@ -106,6 +108,8 @@ impl Application {
             shutdown_rx,
         )));
 
+        let readiness = Readiness::default();
+        let server_readiness = web::Data::new(readiness.clone());
         let server_state = state.clone();
         let server = HttpServer::new(move || {
             let cors = cors(&server_state.config.cors_allowed_origins);
@@ -120,6 +124,7 @@ impl Application {
                     crate::telemetry::request_ids,
                 ))
                 .app_data(server_state.clone())
+                .app_data(server_readiness.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(64 * 1024)
@@ -138,6 +143,7 @@ impl Application {
 
         Ok(Self {
             port,
+            readiness,
             server,
             state,
             shutdown,
@@ -154,7 +160,10 @@ impl Application {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
         shutdown_signal().await;
-        tracing::info!("shutting down");
+        // Not ready first, so the load balancer stops sending requests; then drain.
+        self.readiness.start_draining();
+        tracing::info!(delay = ?self.state.config.shutdown_delay, "shutting down: /readyz answers 503, draining after the delay");
+        tokio::time::sleep(self.state.config.shutdown_delay).await;
         handle.stop(true).await;
         let _ = server.await;
         let _ = self.shutdown.send(true);
@@ -172,6 +181,7 @@ impl Application {
         let server = tokio::spawn(self.server);
         RunningApp {
             port: self.port,
+            readiness: self.readiness,
             handle,
             server,
             shutdown: self.shutdown,
@@ -183,6 +193,8 @@ impl Application {
 /// An application running in the background.
 pub struct RunningApp {
     pub port: u16,
+    /// Turns `/readyz` to 503 as SIGTERM does.
+    pub readiness: Readiness,
     handle: actix_web::dev::ServerHandle,
     server: JoinHandle<std::io::Result<()>>,
     shutdown: watch::Sender<bool>,

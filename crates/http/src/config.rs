@@ -70,6 +70,10 @@ pub struct Config {
     pub cors_allowed_origins: Vec<String>,
     /// `None`: `GET /metrics` is open (keep it off the public proxy).
     pub metrics_token: Option<SecretString>,
+    /// `/readyz` answers 503 when the projector is further behind than this.
+    pub ready_max_lag: Duration,
+    /// Between SIGTERM (readiness turns 503) and closing the listener.
+    pub shutdown_delay: Duration,
     pub write_connections: u32,
     pub read_connections: usize,
 }
@@ -204,6 +208,17 @@ impl Config {
             Some(v) => parse_duration("SETTLEMENT_INTERVAL", &v)?,
             None => Duration::from_secs(30),
         };
+        let ready_max_lag = match get("READY_MAX_LAG") {
+            Some(v) => parse_duration("READY_MAX_LAG", &v)?,
+            None => Duration::from_secs(5),
+        };
+        let shutdown_delay = match get("SHUTDOWN_DELAY") {
+            Some(v) => parse_duration("SHUTDOWN_DELAY", &v)?,
+            None => Duration::from_secs(5),
+        };
+        if shutdown_delay > Duration::from_secs(60) {
+            return Err(err("SHUTDOWN_DELAY", "must be at most 60s"));
+        }
         let demo_video_delay = match get("DEMO_VIDEO_DELAY") {
             Some(v) => parse_duration("DEMO_VIDEO_DELAY", &v)?,
             None => Duration::from_secs(3),
@@ -274,6 +289,8 @@ impl Config {
             demo_video_delay,
             cors_allowed_origins,
             metrics_token,
+            ready_max_lag,
+            shutdown_delay,
             write_connections: write_connections as u32,
             read_connections: read_connections as usize,
         };

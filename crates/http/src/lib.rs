@@ -9,6 +9,7 @@ mod auth;
 mod body;
 pub mod config;
 mod error;
+mod health;
 mod metrics;
 mod money;
 mod routes;
@@ -18,6 +19,7 @@ mod telemetry;
 
 pub use app::{Application, RunningApp};
 pub use config::Config;
+pub use health::Readiness;
 
 /// Reads the configuration from the environment and serves until Ctrl-C or SIGTERM.
 pub async fn serve() -> anyhow::Result<()> {

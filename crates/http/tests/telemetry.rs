@@ -218,3 +218,55 @@ async fn metrics_move_by_what_a_flow_did() {
     assert!(after.contains("projector_lag_seconds"), "{after}");
     assert!(after.contains("projector_pending_events"));
 }
+
+async fn readyz(app: &TestApp) -> (u16, Value) {
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn readiness_turns_503_when_the_projector_lags_and_when_shutting_down() {
+    let app = TestApp::spawn_with(&[("READY_MAX_LAG", "5s")]).await;
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, 200, "{body}");
+    let u = user("lag");
+    app.grant(&u, 10).await;
+
+    // An outbox row an hour old that the projector cannot take (another transaction holds
+    // it): the projection is an hour behind as far as anyone can tell.
+    let mut holder = app.db.client().await;
+    holder
+        .execute(
+            "INSERT INTO projection_outbox (aggregate_id, sequence, created_at)
+             VALUES ($1, 1, now() - interval '1 hour')",
+            &[&u],
+        )
+        .await
+        .unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM projection_outbox WHERE aggregate_id = $1 FOR UPDATE",
+        &[&u],
+    )
+    .await
+    .unwrap();
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["reason"], "projector_lagging");
+    assert!(body["projector_lag"]["seconds"].as_f64().unwrap() > 3000.0);
+    // Released, the projector takes it (already applied: nothing changes) and all is well.
+    tx.rollback().await.unwrap();
+    wait_for("readiness to come back", || async {
+        (readyz(&app).await.0 == 200).then_some(())
+    })
+    .await;
+
+    // SIGTERM's first step: not ready, while still alive and still serving.
+    app.readiness.start_draining();
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["reason"], "shutting_down");
+    app.get("/healthz", None).await.expect(200);
+    app.stats(&app.token(&u)).await.expect(200);
+}

@@ -151,8 +151,10 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub stripe: Option<FakeStripe>,
     pub grsai: Option<FakeGrsai>,
-    /// Stops the running application (its type is not exported by the crate).
+    /// Stops the running application.
     stopper: Option<Stopper>,
+    /// Turns `/readyz` to 503 as SIGTERM does.
+    pub readiness: credit_http::Readiness,
     pub db: TestDb,
 }
 
@@ -211,6 +213,7 @@ impl TestApp {
             .unwrap_or_else(|e| panic!("application failed to build: {e:#}"));
         let port = app.port();
         let running = app.spawn();
+        let readiness = running.readiness.clone();
         let stopper: Stopper = Box::new(move || Box::pin(running.stop()));
         Self {
             base: format!("http://127.0.0.1:{port}"),
@@ -219,6 +222,7 @@ impl TestApp {
             stripe,
             grsai,
             stopper: Some(stopper),
+            readiness,
             db,
         }
     }
