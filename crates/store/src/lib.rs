@@ -10,6 +10,7 @@ pub mod executor;
 pub mod metrics;
 pub mod projector;
 pub mod queries;
+pub mod tls;
 
 pub use db::{Database, DbConfig};
 pub use executor::{Committed, ExecuteError, Ledger};
