@@ -42,6 +42,13 @@ impl Application {
             config.admin_token = Some(secrecy::SecretString::from(token));
         }
         crate::metrics::install();
+        if config.database_url.contains(":6543/") {
+            tracing::warn!(
+                "DATABASE_URL names port 6543, Supabase's transaction-mode pooler: prepared \
+                 statements, the migrations' advisory lock and LISTEN/NOTIFY do not work \
+                 through it; use the direct connection or the session pooler (port 5432)"
+            );
+        }
         let mut db_config = DbConfig::new(config.database_url.clone());
         db_config.write_connections = config.write_connections;
         db_config.read_connections = config.read_connections;
@@ -110,10 +117,12 @@ impl Application {
 
         let readiness = Readiness::default();
         let server_readiness = web::Data::new(readiness.clone());
+        let limiter = web::Data::new(crate::limits::RateLimiter::default());
         let server_state = state.clone();
         let server = HttpServer::new(move || {
             let cors = cors(&server_state.config.cors_allowed_origins);
             App::new()
+                .wrap(actix_web::middleware::from_fn(crate::limits::rate_limits))
                 .wrap(cors)
                 .wrap(tracing_actix_web::TracingLogger::<
                     crate::telemetry::RedactingSpans,
@@ -125,6 +134,7 @@ impl Application {
                 ))
                 .app_data(server_state.clone())
                 .app_data(server_readiness.clone())
+                .app_data(limiter.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(64 * 1024)

@@ -70,6 +70,8 @@ pub struct Config {
     pub cors_allowed_origins: Vec<String>,
     /// `None`: `GET /metrics` is open (keep it off the public proxy).
     pub metrics_token: Option<SecretString>,
+    /// Per-user rate limits (`RATE_LIMIT_*`).
+    pub limits: crate::limits::Limits,
     /// `/readyz` answers 503 when the projector is further behind than this.
     pub ready_max_lag: Duration,
     /// Between SIGTERM (readiness turns 503) and closing the listener.
@@ -208,6 +210,15 @@ impl Config {
             Some(v) => parse_duration("SETTLEMENT_INTERVAL", &v)?,
             None => Duration::from_secs(30),
         };
+        let rule = |var: &'static str, default: &str| {
+            crate::limits::Rule::parse(&get(var).unwrap_or_else(|| default.to_owned()))
+                .map_err(|e| err(var, e))
+        };
+        let limits = crate::limits::Limits {
+            generate: rule("RATE_LIMIT_GENERATE", "30/m")?,
+            recharge: rule("RATE_LIMIT_RECHARGE", "10/m")?,
+            dev_token: rule("RATE_LIMIT_DEV_TOKEN", "20/m")?,
+        };
         let ready_max_lag = match get("READY_MAX_LAG") {
             Some(v) => parse_duration("READY_MAX_LAG", &v)?,
             None => Duration::from_secs(5),
@@ -289,6 +300,7 @@ impl Config {
             demo_video_delay,
             cors_allowed_origins,
             metrics_token,
+            limits,
             ready_max_lag,
             shutdown_delay,
             write_connections: write_connections as u32,

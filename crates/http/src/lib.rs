@@ -10,6 +10,7 @@ mod body;
 pub mod config;
 mod error;
 mod health;
+mod limits;
 mod metrics;
 mod money;
 mod routes;

@@ -270,3 +270,71 @@ async fn readiness_turns_503_when_the_projector_lags_and_when_shutting_down() {
     app.get("/healthz", None).await.expect(200);
     app.stats(&app.token(&u)).await.expect(200);
 }
+
+#[tokio::test]
+async fn generate_and_recharge_are_rate_limited_per_user_with_retry_after() {
+    let app = TestApp::spawn_with(&[
+        ("RATE_LIMIT_GENERATE", "2/m"),
+        ("RATE_LIMIT_RECHARGE", "1/m"),
+    ])
+    .await;
+    let (a, b) = (user("busy"), user("calm"));
+    app.grant(&a, 100).await;
+    app.grant(&b, 100).await;
+    let (ta, tb) = (app.token(&a), app.token(&b));
+    app.generate_ok(&ta, "one").await;
+    app.generate_ok(&ta, "two").await;
+
+    // A token with a's id but a bad signature does not spend a's allowance, nor get past
+    // authentication.
+    let forged = jwt(
+        "not-the-secret-0123456789",
+        &json!({"sub": a, "exp": now() + 60}),
+    );
+    app.generate(&forged, json!({"prompt": "x"}))
+        .await
+        .expect_error(401, "invalid_token");
+
+    let r = app
+        .http
+        .post(app.url("/api/video/generate"))
+        .bearer_auth(&ta)
+        .json(&json!({"prompt": "three"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry), "Retry-After {retry}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(body["error"]["retry_after"], retry);
+    assert!(body["error"]["request_id"].is_string());
+    // Nothing was charged for the refused request; another user is not affected.
+    assert_eq!(app.events_of(&a, "CreditsDeducted").await, 2);
+    app.generate_ok(&tb, "b's first").await;
+
+    app.post_recharge(&ta, json!({"amount": 1}))
+        .await
+        .expect(201);
+    app.post_recharge(&ta, json!({"amount": 1}))
+        .await
+        .expect_error(429, "rate_limited");
+    app.post_recharge(&tb, json!({"amount": 1}))
+        .await
+        .expect(201);
+}
+
+#[tokio::test]
+async fn the_demo_token_endpoint_is_rate_limited_per_address() {
+    let app = TestApp::demo(&[("RATE_LIMIT_DEV_TOKEN", "2/m")]).await;
+    app.dev_token("a").await;
+    app.dev_token("b").await;
+    app.post("/api/dev/token", None, &json!({"user_id": "c"}))
+        .await
+        .expect_error(429, "rate_limited");
+}

@@ -184,6 +184,10 @@ impl TestApp {
         set("LISTEN_ADDR", "127.0.0.1:0");
         set("DATABASE_WRITE_CONNECTIONS", "8");
         set("DATABASE_READ_CONNECTIONS", "8");
+        // Tests fire many requests per user; the rate-limit test sets its own limits.
+        set("RATE_LIMIT_GENERATE", "off");
+        set("RATE_LIMIT_RECHARGE", "off");
+        set("RATE_LIMIT_DEV_TOKEN", "off");
         let (stripe, grsai) = match kind {
             Kind::Full => {
                 let stripe = FakeStripe::start().await;
