@@ -122,6 +122,9 @@ impl Application {
         let server = HttpServer::new(move || {
             let cors = cors(&server_state.config.cors_allowed_origins);
             App::new()
+                .wrap(actix_web::middleware::from_fn(
+                    crate::methods::method_not_allowed,
+                ))
                 .wrap(actix_web::middleware::from_fn(crate::limits::rate_limits))
                 .wrap(cors)
                 .wrap(tracing_actix_web::TracingLogger::<

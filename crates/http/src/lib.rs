@@ -11,6 +11,7 @@ pub mod config;
 mod error;
 mod health;
 mod limits;
+mod methods;
 mod metrics;
 mod money;
 mod routes;

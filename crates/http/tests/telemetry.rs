@@ -338,3 +338,51 @@ async fn the_demo_token_endpoint_is_rate_limited_per_address() {
         .await
         .expect_error(429, "rate_limited");
 }
+
+#[tokio::test]
+async fn a_known_path_with_an_undeclared_method_is_405_with_allow() {
+    let app = TestApp::spawn().await;
+    for (method, path, allow) in [
+        (reqwest::Method::PUT, "/api/recharge", "GET, POST"),
+        (reqwest::Method::DELETE, "/api/video/tasks/vid_x", "GET"),
+        (reqwest::Method::POST, "/readyz", "GET"),
+    ] {
+        let r = app
+            .http
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+        assert!(body["error"]["request_id"].is_string());
+    }
+    // Unknown paths stay 404, and a route's own 404 (an unknown task) is untouched.
+    app.get("/api/nothing", None)
+        .await
+        .expect_error(404, "not_found");
+    let token = app.token(&user("m"));
+    app.task(&token, "vid_unknown").await.expect(404);
+}
+
+#[tokio::test]
+async fn control_characters_in_a_json_body_are_400_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let u = user("ctrl");
+    app.grant(&u, 100).await;
+    let token = app.token(&u);
+    let events = app.event_count().await;
+    for prompt in ["a\u{0}b", "bell\u{7}", "esc\u{1b}[31m", "c1\u{85}"] {
+        app.generate(&token, json!({ "prompt": prompt }))
+            .await
+            .expect_error(400, "control_characters");
+    }
+    app.adjust(&u, 5, "why\u{0}")
+        .await
+        .expect_error(400, "control_characters");
+    assert_eq!(app.event_count().await, events);
+    // Tabs and line breaks are text.
+    app.generate_ok(&token, "line one\nline two\ttabbed").await;
+}
