@@ -386,3 +386,19 @@ async fn control_characters_in_a_json_body_are_400_and_change_nothing() {
     // Tabs and line breaks are text.
     app.generate_ok(&token, "line one\nline two\ttabbed").await;
 }
+
+#[tokio::test]
+async fn readiness_turns_503_when_the_database_is_gone() {
+    let app = TestApp::spawn().await;
+    assert_eq!(readyz(&app).await.0, 200);
+    // Dropping the database ends every connection of both pools, and new ones fail.
+    credit_store::db::drop_database(&app.db.url).await.unwrap();
+    let (status, body) = wait_for("readiness to fail", || async {
+        let (status, body) = readyz(&app).await;
+        (status == 503).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert_eq!(body["reason"], "database_unreachable", "{body}");
+    app.get("/healthz", None).await.expect(200);
+}
