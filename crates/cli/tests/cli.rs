@@ -392,3 +392,60 @@ async fn an_unknown_log_format_stops_the_start() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("LOG_FORMAT"));
 }
+
+#[tokio::test]
+async fn sigterm_makes_readiness_fail_first_then_drains_and_exits() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let base = format!("http://{listen}");
+    let mut child = serve_command(
+        &["--database-url", &db.url, "serve"],
+        &[("LISTEN_ADDR", &listen), ("SHUTDOWN_DELAY", "2s")],
+    )
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let http = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move { http.get(url).send().await.ok().map(|r| r.status().as_u16()) }
+    };
+    let started = std::time::Instant::now();
+    while status("/readyz").await != Some(200) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let pid = child.id().unwrap().to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    // During SHUTDOWN_DELAY: not ready, still alive and serving.
+    let started = std::time::Instant::now();
+    while status("/readyz").await != Some(503) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(1500),
+            "readiness did not turn 503 after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status("/healthz").await, Some(200));
+    // Then it drains and exits cleanly.
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .expect("serve did not exit after SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+}
