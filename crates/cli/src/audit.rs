@@ -150,8 +150,14 @@ fn subject(event: &CreditEvent) -> &str {
         | CreditEvent::RechargeCompleted { recharge_id, .. }
         | CreditEvent::RechargeFailed { recharge_id, .. }
         | CreditEvent::RechargeCancelled { recharge_id }
-        | CreditEvent::RechargeReversed { recharge_id, .. } => recharge_id,
+        | CreditEvent::RechargeReversed { recharge_id, .. }
+        | CreditEvent::RechargeReinstated { recharge_id, .. }
+        | CreditEvent::PaymentRefunded { recharge_id, .. }
+        | CreditEvent::PaymentDisputed { recharge_id, .. } => recharge_id,
         CreditEvent::CreditsDeducted { task_id, .. }
+        | CreditEvent::VideoSubmissionUncertain { task_id, .. }
+        | CreditEvent::VideoProgressed { task_id, .. }
+        | CreditEvent::VideoDeliveredAfterRefund { task_id, .. }
         | CreditEvent::VideoTaskSubmitted { task_id, .. }
         | CreditEvent::VideoSucceeded { task_id, .. }
         | CreditEvent::VideoFailed { task_id, .. }

@@ -37,6 +37,16 @@ pub enum Command {
     Projections(ProjectionsCommand),
     /// Run the HTTP service.
     Serve,
+    /// List every difference between our recharges and Stripe's sessions and charges;
+    /// exit 1 when there is any. Needs STRIPE_SECRET_KEY (and STRIPE_API_BASE for a fake).
+    Reconcile {
+        /// Only recharges created at or after this instant (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<DateTime<Utc>>,
+        /// Print the differences as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +80,16 @@ pub enum ProjectionsCommand {
 
 fn parse_user(raw: &str) -> Result<UserId, String> {
     UserId::parse(raw).map_err(|e| e.to_string())
+}
+
+fn parse_since(raw: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        return day
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc())
+            .ok_or_else(|| "not a date".to_owned());
+    }
+    parse_instant(raw)
 }
 
 fn parse_instant(raw: &str) -> Result<DateTime<Utc>, String> {

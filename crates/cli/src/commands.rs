@@ -9,7 +9,7 @@ use credit_store::{db, projector, Projector};
 use deadpool_postgres::Pool;
 
 use crate::cli::{AuditCommand, Cli, Command, ProjectionsCommand};
-use crate::{audit, progress, serve};
+use crate::{audit, progress, reconcile, serve};
 
 /// The audit found discrepancies.
 pub const EXIT_DISCREPANCIES: u8 = 1;
@@ -33,6 +33,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Projections(ProjectionsCommand::Rebuild) => rebuild(&url).await,
+        Command::Reconcile { since, json } => {
+            let pool = connect(&url).await?;
+            reconcile::run(&url, &pool, since, json).await
+        }
         Command::Serve => {
             serve::serve(url).await?;
             Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ mod audit;
 mod cli;
 mod commands;
 mod progress;
+mod reconcile;
 mod serve;
 
 use std::process::ExitCode;

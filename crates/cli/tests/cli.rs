@@ -449,3 +449,135 @@ async fn sigterm_makes_readiness_fail_first_then_drains_and_exits() {
         .unwrap();
     assert!(exit.success(), "{exit}");
 }
+
+/// `reconcile` against the fake Stripe: a paid session the ledger never credited, and a
+/// refund the ledger never heard of, are listed (exit 1); agreeing recharges are not.
+#[tokio::test]
+async fn reconcile_lists_every_difference_with_stripe() {
+    use credit_domain::ports::{CheckoutRequest, PaymentProvider};
+    use credit_testkit::fake_stripe::FakeStripe;
+
+    let db = TestDb::new().await;
+    let fake = FakeStripe::start().await;
+    let stripe = credit_stripe::StripeCheckout::new(
+        credit_stripe::StripeConfig::new("sk_test_reconcile".to_owned().into())
+            .with_api_base(fake.base_url()),
+    )
+    .unwrap();
+    let ledger = Ledger::new(db.db.write.clone());
+    let carol = UserId::parse("carol").unwrap();
+    let run = |cmd: CreditCommand| {
+        let ledger = &ledger;
+        let carol = &carol;
+        async move { ledger.execute(carol, cmd, HashMap::new()).await.unwrap() }
+    };
+    let mut sessions = Vec::new();
+    for n in 1..=4 {
+        let recharge_id = format!("rch_{n}");
+        run(CreditCommand::RequestRecharge {
+            recharge_id: recharge_id.clone(),
+            amount_fen: 1000,
+            currency: "cny".into(),
+            credits_per_yuan: 100,
+            provider: "stripe".into(),
+        })
+        .await;
+        let session = stripe
+            .create_checkout(&CheckoutRequest {
+                user_id: "carol".into(),
+                recharge_id: recharge_id.clone(),
+                amount_fen: 1000,
+                currency: "cny".into(),
+                credits: 1000,
+                success_url: "https://example.com/ok".into(),
+                cancel_url: "https://example.com/cancel".into(),
+            })
+            .await
+            .unwrap();
+        run(CreditCommand::AttachCheckout {
+            recharge_id,
+            checkout_session_id: session.session_id.clone(),
+            checkout_url: session.url,
+        })
+        .await;
+        sessions.push(session.session_id);
+    }
+    // rch_1: paid at Stripe, never credited here (the webhook was lost).
+    fake.pay_session(&sessions[0], "pi_1");
+    // rch_2: paid and credited: agrees.
+    fake.pay_session(&sessions[1], "pi_2");
+    // rch_3: paid, credited, then refunded at Stripe without us hearing of it.
+    fake.pay_session(&sessions[2], "pi_3");
+    fake.update_session(&sessions[2], |s| {
+        s["payment_intent"]["latest_charge"]["amount_refunded"] = serde_json::json!(400);
+    });
+    for (n, pi) in [(2, "pi_2"), (3, "pi_3")] {
+        run(CreditCommand::CompleteRecharge {
+            recharge_id: format!("rch_{n}"),
+            amount_fen: 1000,
+            currency: "cny".into(),
+            payment_id: pi.into(),
+        })
+        .await;
+    }
+    // rch_4: still open at Stripe and pending here: agrees.
+    let projector = Projector::new(db.db.read.clone(), ledger.appended());
+    projector.drain().await.unwrap();
+
+    let out = tokio::process::Command::new(BIN)
+        .args(["reconcile", "--json"])
+        .env("DATABASE_URL", &db.url)
+        .env("STRIPE_SECRET_KEY", "sk_test_reconcile")
+        .env("STRIPE_API_BASE", fake.base_url())
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["recharges_checked"], 4);
+    let found: Vec<(String, String)> = report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["recharge_id"].as_str().unwrap().to_owned(),
+                d["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("rch_1".to_owned(), "paid_not_credited".to_owned()),
+            ("rch_3".to_owned(), "refunded_not_reversed".to_owned()),
+        ]
+    );
+
+    // Once the ledger has heard of both, they agree.
+    run(CreditCommand::CompleteRecharge {
+        recharge_id: "rch_1".into(),
+        amount_fen: 1000,
+        currency: "cny".into(),
+        payment_id: "pi_1".into(),
+    })
+    .await;
+    run(CreditCommand::RecordRefund {
+        recharge_id: "rch_3".into(),
+        refunded_fen: 400,
+        reference: "ch_pi_3".into(),
+    })
+    .await;
+    let out = tokio::process::Command::new(BIN)
+        .args(["reconcile", "--since", "2020-01-01"])
+        .env("DATABASE_URL", &db.url)
+        .env("STRIPE_SECRET_KEY", "sk_test_reconcile")
+        .env("STRIPE_API_BASE", fake.base_url())
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("OK: the ledger and Stripe agree"));
+}

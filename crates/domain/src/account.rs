@@ -36,6 +36,62 @@ impl RechargeStatus {
     }
 }
 
+/// Where a dispute on a payment stands, from Stripe's dispute `status` and its funds events.
+/// Stages only move forward (by rank); the first final stage stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisputeStage {
+    /// An inquiry (`warning_needs_response`, `warning_under_review`): no funds moved.
+    Inquiry,
+    /// A chargeback (`needs_response`, `under_review`): Stripe withdrew the funds.
+    Open,
+    /// `charge.dispute.funds_withdrawn`.
+    FundsWithdrawn,
+    /// Won (`won`, or `charge.dispute.funds_reinstated`): the funds came back.
+    Won,
+    /// Lost: the funds stay with the cardholder.
+    Lost,
+    /// An inquiry closed without becoming a chargeback (`warning_closed`).
+    InquiryClosed,
+    /// Prevented before it became a chargeback (`prevented`).
+    Prevented,
+}
+
+impl DisputeStage {
+    /// Whether the disputed amount is out of the merchant's hands at this stage.
+    pub fn holds_funds(self) -> bool {
+        matches!(self, Self::Open | Self::FundsWithdrawn | Self::Lost)
+    }
+
+    /// Order of the lifecycle: a delivery of an earlier stage after a later one is stale.
+    pub fn rank(self) -> u8 {
+        match self {
+            Self::Inquiry => 0,
+            Self::Open => 1,
+            Self::FundsWithdrawn => 2,
+            Self::Won | Self::Lost | Self::InquiryClosed | Self::Prevented => 3,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inquiry => "inquiry",
+            Self::Open => "open",
+            Self::FundsWithdrawn => "funds_withdrawn",
+            Self::Won => "won",
+            Self::Lost => "lost",
+            Self::InquiryClosed => "inquiry_closed",
+            Self::Prevented => "prevented",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispute {
+    pub amount_fen: i64,
+    pub stage: DisputeStage,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recharge {
     pub amount_fen: i64,
@@ -46,15 +102,59 @@ pub struct Recharge {
     pub checkout_session_id: Option<String>,
     pub checkout_url: Option<String>,
     pub payment_id: Option<String>,
+    /// Fen clawed back so far (what the credits in `reversed_credits` paid for).
     pub reversed_fen: i64,
+    /// Credits clawed back so far, net of reinstatements.
     pub reversed_credits: i64,
+    /// Cumulative fen refunded at the provider, recorded in any state of the recharge.
+    #[serde(default)]
+    pub refunded_fen: i64,
+    /// Disputes on the payment, by the provider's dispute id.
+    #[serde(default)]
+    pub disputes: BTreeMap<String, Dispute>,
+}
+
+impl Recharge {
+    /// Whether the recharge's credits were added (and so can be clawed back).
+    pub fn is_credited(&self) -> bool {
+        matches!(
+            self.status,
+            RechargeStatus::Completed | RechargeStatus::Reversed
+        )
+    }
+
+    /// Fen the provider has taken back from the payment: refunds plus disputes that hold
+    /// funds, never more than was paid. Refunds and disputes are separate amounts.
+    pub fn taken_back_fen(&self) -> i64 {
+        let held = self
+            .disputes
+            .values()
+            .filter(|d| d.stage.holds_funds())
+            .fold(0i64, |sum, d| sum.saturating_add(d.amount_fen));
+        self.refunded_fen
+            .saturating_add(held)
+            .clamp(0, self.amount_fen)
+    }
+
+    /// Credits that `fen` of this recharge bought: exact for the whole amount, rounded down
+    /// for a part. Computed in i128: credits * fen may exceed i64, the quotient never
+    /// exceeds `credits`.
+    fn credits_of(&self, fen: i64) -> Result<i64, LedgerError> {
+        if self.amount_fen <= 0 {
+            return Ok(0);
+        }
+        i64::try_from(i128::from(self.credits) * i128::from(fen) / i128::from(self.amount_fen))
+            .map_err(|_| LedgerError::Overflow)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
-    /// Charged, provider not (yet) called.
+    /// Charged, provider not (yet) called, or called without an answer yet.
     Charged,
+    /// The provider was called and its answer is unknown (time-out, lost connection).
+    Uncertain,
     Submitted,
     Succeeded,
     Failed,
@@ -67,6 +167,16 @@ pub struct Task {
     pub refunded: bool,
     pub provider_task_id: Option<String>,
     pub callback_token_sha256: String,
+    /// Fingerprint of the requested video (`VideoSpec::fingerprint`), to tell a retry from a
+    /// different request under the same Idempotency-Key.
+    #[serde(default)]
+    pub spec_sha256: Option<String>,
+    /// The provider delivered a video after the task was refunded.
+    #[serde(default)]
+    pub delivered_after_refund: bool,
+    /// The last progress the provider reported (0..=99 while running).
+    #[serde(default)]
+    pub progress: u8,
 }
 
 impl Task {
@@ -82,6 +192,15 @@ pub struct CreditAccount {
     recharges: BTreeMap<String, Recharge>,
     tasks: BTreeMap<String, Task>,
     adjustments: BTreeSet<String>,
+    /// Fingerprints of adjustments (`adjustment_fingerprint`), by id.
+    #[serde(default)]
+    adjustment_fingerprints: BTreeMap<String, String>,
+}
+
+/// Fingerprint of an adjustment's terms, to tell a retry from a different request under the
+/// same Idempotency-Key.
+pub fn adjustment_fingerprint(credits: i64, reason: &str) -> String {
+    crate::command::hex_sha256(&format!("{credits}\n{reason}"))
 }
 
 impl CreditAccount {
@@ -95,6 +214,15 @@ impl CreditAccount {
 
     pub fn task(&self, task_id: &str) -> Option<&Task> {
         self.tasks.get(task_id)
+    }
+
+    /// The fingerprint of adjustment `adjustment_id`, if it exists and has one.
+    pub fn adjustment(&self, adjustment_id: &str) -> Option<Option<&str>> {
+        self.adjustments.contains(adjustment_id).then(|| {
+            self.adjustment_fingerprints
+                .get(adjustment_id)
+                .map(String::as_str)
+        })
     }
 
     /// Tasks charged but not settled, for the settlement job.
@@ -185,12 +313,24 @@ impl CreditAccount {
                     });
                 }
                 let balance_after = self.add(recharge.credits)?;
-                Ok(vec![CreditEvent::RechargeCompleted {
-                    recharge_id,
+                let completed = CreditEvent::RechargeCompleted {
+                    recharge_id: recharge_id.clone(),
                     credits: recharge.credits,
-                    payment_id,
+                    payment_id: payment_id.clone(),
                     balance_after,
-                }])
+                };
+                // Refunds and disputes recorded while it was pending are netted now.
+                let mut after = recharge.clone();
+                apply_to_recharge(&mut after, &completed);
+                let mut events = vec![completed];
+                events.extend(settle_reversal(
+                    &recharge_id,
+                    &after,
+                    balance_after,
+                    "refunded or disputed before the payment completed",
+                    &payment_id,
+                )?);
+                Ok(events)
             }
             CreditCommand::FailRecharge {
                 recharge_id,
@@ -207,47 +347,51 @@ impl CreditAccount {
                 self.pending_recharge(&recharge_id)?;
                 Ok(vec![CreditEvent::RechargeCancelled { recharge_id }])
             }
-            CreditCommand::ReverseRecharge {
+            CreditCommand::RecordRefund {
                 recharge_id,
-                reversed_fen,
-                reason,
+                refunded_fen,
                 reference,
             } => {
-                check_text("reason", &reason)?;
                 check_text("reference", &reference)?;
-                if reversed_fen <= 0 {
+                if refunded_fen <= 0 {
                     return Err(LedgerError::NonPositiveAmount);
                 }
                 let recharge = self.known_recharge(&recharge_id)?;
-                if !matches!(
-                    recharge.status,
-                    RechargeStatus::Completed | RechargeStatus::Reversed
-                ) {
-                    return Err(LedgerError::RechargeNotCompleted { recharge_id });
+                let refunded_fen = refunded_fen.min(recharge.amount_fen);
+                if refunded_fen <= recharge.refunded_fen {
+                    return Err(LedgerError::AlreadyRecorded { recharge_id });
                 }
-                let reversed_fen = reversed_fen.min(recharge.amount_fen);
-                // Credits to claw back in total, in proportion to what was refunded; the
-                // whole recharge is clawed back exactly when the whole amount is.
-                // Computed in i128: credits * fen may exceed i64 for a large recharge, the
-                // quotient never exceeds `credits`.
-                let target = i64::try_from(
-                    i128::from(recharge.credits) * i128::from(reversed_fen)
-                        / i128::from(recharge.amount_fen),
-                )
-                .map_err(|_| LedgerError::Overflow)?;
-                let credits = target - recharge.reversed_credits;
-                if reversed_fen <= recharge.reversed_fen || credits <= 0 {
-                    return Err(LedgerError::NothingToReverse { recharge_id });
+                let fact = CreditEvent::PaymentRefunded {
+                    recharge_id: recharge_id.clone(),
+                    refunded_fen,
+                    reference: reference.clone(),
+                };
+                self.with_settlement(fact, recharge, "refunded at the provider", &reference)
+            }
+            CreditCommand::RecordDispute {
+                recharge_id,
+                dispute_id,
+                amount_fen,
+                stage,
+            } => {
+                check_id(&dispute_id)?;
+                if amount_fen <= 0 {
+                    return Err(LedgerError::NonPositiveAmount);
                 }
-                let balance_after = self.add(-credits)?;
-                Ok(vec![CreditEvent::RechargeReversed {
+                let recharge = self.known_recharge(&recharge_id)?;
+                if let Some(known) = recharge.disputes.get(&dispute_id) {
+                    if stage.rank() <= known.stage.rank() {
+                        return Err(LedgerError::AlreadyRecorded { recharge_id });
+                    }
+                }
+                let reason = format!("dispute {}", stage.as_str());
+                let fact = CreditEvent::PaymentDisputed {
                     recharge_id,
-                    credits,
-                    reversed_fen,
-                    reason,
-                    reference,
-                    balance_after,
-                }])
+                    dispute_id: dispute_id.clone(),
+                    amount_fen,
+                    stage,
+                };
+                self.with_settlement(fact, recharge, &reason, &dispute_id)
             }
             CreditCommand::DeductForTask {
                 task_id,
@@ -264,6 +408,14 @@ impl CreditAccount {
                 }
                 if self.tasks.contains_key(&task_id) {
                     return Err(LedgerError::TaskAlreadyCharged { task_id });
+                }
+                check_clean("prompt", &video.prompt)?;
+                check_clean("description", &description)?;
+                check_clean("model", &video.model)?;
+                check_clean("aspect_ratio", &video.aspect_ratio)?;
+                check_clean("size", &video.size)?;
+                if let Some(url) = &video.reference_url {
+                    check_clean("reference_url", url)?;
                 }
                 if self.balance < credits {
                     return Err(LedgerError::InsufficientCredits {
@@ -286,17 +438,49 @@ impl CreditAccount {
                 provider_task_id,
             } => {
                 check_text("provider_task_id", &provider_task_id)?;
+                check_clean("provider_task_id", &provider_task_id)?;
                 let task = self.known_task(&task_id)?;
                 match task.status {
-                    TaskStatus::Charged => Ok(vec![CreditEvent::VideoTaskSubmitted {
-                        task_id,
-                        provider_task_id,
-                    }]),
+                    TaskStatus::Charged | TaskStatus::Uncertain => {
+                        Ok(vec![CreditEvent::VideoTaskSubmitted {
+                            task_id,
+                            provider_task_id,
+                        }])
+                    }
                     TaskStatus::Submitted => Err(LedgerError::TaskAlreadySubmitted { task_id }),
                     TaskStatus::Succeeded | TaskStatus::Failed => {
                         Err(LedgerError::TaskAlreadySettled { task_id })
                     }
                 }
+            }
+            CreditCommand::MarkSubmissionUncertain {
+                task_id,
+                error_message,
+            } => {
+                let task = self.known_task(&task_id)?;
+                match task.status {
+                    TaskStatus::Charged => Ok(vec![CreditEvent::VideoSubmissionUncertain {
+                        task_id,
+                        error_message: clean(error_message),
+                    }]),
+                    TaskStatus::Uncertain | TaskStatus::Submitted => {
+                        Err(LedgerError::TaskAlreadySubmitted { task_id })
+                    }
+                    TaskStatus::Succeeded | TaskStatus::Failed => {
+                        Err(LedgerError::TaskAlreadySettled { task_id })
+                    }
+                }
+            }
+            CreditCommand::RecordProgress { task_id, progress } => {
+                let task = self.known_task(&task_id)?;
+                if task.is_settled() {
+                    return Err(LedgerError::TaskAlreadySettled { task_id });
+                }
+                let progress = progress.min(99);
+                if progress <= task.progress {
+                    return Err(LedgerError::StaleProgress { task_id });
+                }
+                Ok(vec![CreditEvent::VideoProgressed { task_id, progress }])
             }
             CreditCommand::RecordVideoSuccess {
                 task_id,
@@ -305,9 +489,27 @@ impl CreditAccount {
                 pid,
             } => {
                 check_text("video_url", &video_url)?;
+                check_clean("video_url", &video_url)?;
+                let pid = pid.map(clean);
                 let task = self.known_task(&task_id)?;
-                if task.is_settled() {
-                    return Err(LedgerError::TaskAlreadySettled { task_id });
+                match task.status {
+                    TaskStatus::Succeeded => {
+                        return Err(LedgerError::TaskAlreadySettled { task_id });
+                    }
+                    // Refunded already (a deadline passed, or a contradictory failure came
+                    // first): the video is recorded for the user, the refund stands.
+                    TaskStatus::Failed if task.refunded && !task.delivered_after_refund => {
+                        return Ok(vec![CreditEvent::VideoDeliveredAfterRefund {
+                            task_id,
+                            video_url,
+                            remove_watermark,
+                            pid,
+                        }]);
+                    }
+                    TaskStatus::Failed => {
+                        return Err(LedgerError::TaskAlreadySettled { task_id });
+                    }
+                    TaskStatus::Charged | TaskStatus::Uncertain | TaskStatus::Submitted => {}
                 }
                 Ok(vec![CreditEvent::VideoSucceeded {
                     task_id,
@@ -330,8 +532,8 @@ impl CreditAccount {
                 Ok(vec![
                     CreditEvent::VideoFailed {
                         task_id: task_id.clone(),
-                        failure_reason: truncate(failure_reason),
-                        error_message: truncate(error_message),
+                        failure_reason: clean(failure_reason),
+                        error_message: clean(error_message),
                     },
                     CreditEvent::CreditsRefunded {
                         task_id,
@@ -349,6 +551,8 @@ impl CreditAccount {
                 check_id(&adjustment_id)?;
                 check_text("actor", &actor)?;
                 check_text("reason", &reason)?;
+                check_clean("reason", &reason)?;
+                check_clean("actor", &actor)?;
                 if credits == 0 {
                     return Err(LedgerError::ZeroAdjustment);
                 }
@@ -372,6 +576,32 @@ impl CreditAccount {
                 }])
             }
         }
+    }
+
+    /// A fact about a recharge's payment, followed by the credits it moves, if any.
+    fn with_settlement(
+        &self,
+        fact: CreditEvent,
+        recharge: &Recharge,
+        reason: &str,
+        reference: &str,
+    ) -> Result<Vec<CreditEvent>, LedgerError> {
+        let mut after = recharge.clone();
+        apply_to_recharge(&mut after, &fact);
+        let recharge_id = match &fact {
+            CreditEvent::PaymentRefunded { recharge_id, .. }
+            | CreditEvent::PaymentDisputed { recharge_id, .. } => recharge_id.clone(),
+            _ => String::new(),
+        };
+        let mut events = vec![fact];
+        events.extend(settle_reversal(
+            &recharge_id,
+            &after,
+            self.balance,
+            reason,
+            reference,
+        )?);
+        Ok(events)
     }
 
     fn add(&self, delta: i64) -> Result<i64, LedgerError> {
@@ -432,51 +662,42 @@ impl CreditAccount {
                         payment_id: None,
                         reversed_fen: 0,
                         reversed_credits: 0,
+                        refunded_fen: 0,
+                        disputes: BTreeMap::new(),
                     },
                 );
             }
             CreditEvent::RechargeCheckoutCreated {
-                recharge_id,
-                checkout_session_id,
-                checkout_url,
+                ref recharge_id, ..
+            }
+            | CreditEvent::RechargeCompleted {
+                ref recharge_id, ..
+            }
+            | CreditEvent::RechargeFailed {
+                ref recharge_id, ..
+            }
+            | CreditEvent::RechargeCancelled { ref recharge_id }
+            | CreditEvent::RechargeReversed {
+                ref recharge_id, ..
+            }
+            | CreditEvent::RechargeReinstated {
+                ref recharge_id, ..
+            }
+            | CreditEvent::PaymentRefunded {
+                ref recharge_id, ..
+            }
+            | CreditEvent::PaymentDisputed {
+                ref recharge_id, ..
             } => {
-                if let Some(r) = self.recharges.get_mut(&recharge_id) {
-                    r.checkout_session_id = Some(checkout_session_id);
-                    r.checkout_url = checkout_url;
-                }
-            }
-            CreditEvent::RechargeCompleted {
-                recharge_id,
-                payment_id,
-                ..
-            } => {
-                if let Some(r) = self.recharges.get_mut(&recharge_id) {
-                    r.status = RechargeStatus::Completed;
-                    r.payment_id = Some(payment_id);
-                }
-            }
-            CreditEvent::RechargeFailed { recharge_id, .. } => {
-                self.set_recharge_status(&recharge_id, RechargeStatus::Failed);
-            }
-            CreditEvent::RechargeCancelled { recharge_id } => {
-                self.set_recharge_status(&recharge_id, RechargeStatus::Cancelled);
-            }
-            CreditEvent::RechargeReversed {
-                recharge_id,
-                credits,
-                reversed_fen,
-                ..
-            } => {
-                if let Some(r) = self.recharges.get_mut(&recharge_id) {
-                    r.status = RechargeStatus::Reversed;
-                    r.reversed_fen = reversed_fen;
-                    r.reversed_credits += credits;
+                if let Some(r) = self.recharges.get_mut(recharge_id) {
+                    apply_to_recharge(r, &event);
                 }
             }
             CreditEvent::CreditsDeducted {
                 task_id,
                 credits,
                 callback_token_sha256,
+                video,
                 ..
             } => {
                 self.tasks.insert(
@@ -487,8 +708,24 @@ impl CreditAccount {
                         refunded: false,
                         provider_task_id: None,
                         callback_token_sha256,
+                        spec_sha256: Some(video.fingerprint()),
+                        delivered_after_refund: false,
+                        progress: 0,
                     },
                 );
+            }
+            CreditEvent::VideoProgressed { task_id, progress } => {
+                if let Some(t) = self.tasks.get_mut(&task_id) {
+                    t.progress = progress;
+                }
+            }
+            CreditEvent::VideoSubmissionUncertain { task_id, .. } => {
+                self.set_task_status(&task_id, TaskStatus::Uncertain);
+            }
+            CreditEvent::VideoDeliveredAfterRefund { task_id, .. } => {
+                if let Some(t) = self.tasks.get_mut(&task_id) {
+                    t.delivered_after_refund = true;
+                }
             }
             CreditEvent::VideoTaskSubmitted {
                 task_id,
@@ -510,15 +747,18 @@ impl CreditAccount {
                     t.refunded = true;
                 }
             }
-            CreditEvent::CreditsAdjusted { adjustment_id, .. } => {
+            CreditEvent::CreditsAdjusted {
+                adjustment_id,
+                credits,
+                reason,
+                ..
+            } => {
+                self.adjustment_fingerprints.insert(
+                    adjustment_id.clone(),
+                    adjustment_fingerprint(credits, &reason),
+                );
                 self.adjustments.insert(adjustment_id);
             }
-        }
-    }
-
-    fn set_recharge_status(&mut self, recharge_id: &str, status: RechargeStatus) {
-        if let Some(r) = self.recharges.get_mut(recharge_id) {
-            r.status = status;
         }
     }
 
@@ -526,6 +766,135 @@ impl CreditAccount {
         if let Some(t) = self.tasks.get_mut(task_id) {
             t.status = status;
         }
+    }
+}
+
+/// Applies one event of a recharge's lifecycle to it. Never fails.
+fn apply_to_recharge(r: &mut Recharge, event: &CreditEvent) {
+    match event {
+        CreditEvent::RechargeCheckoutCreated {
+            checkout_session_id,
+            checkout_url,
+            ..
+        } => {
+            r.checkout_session_id = Some(checkout_session_id.clone());
+            r.checkout_url = checkout_url.clone();
+        }
+        CreditEvent::RechargeCompleted { payment_id, .. } => {
+            r.status = RechargeStatus::Completed;
+            r.payment_id = Some(payment_id.clone());
+        }
+        CreditEvent::RechargeFailed { .. } => r.status = RechargeStatus::Failed,
+        CreditEvent::RechargeCancelled { .. } => r.status = RechargeStatus::Cancelled,
+        CreditEvent::RechargeReversed {
+            credits,
+            reversed_fen,
+            ..
+        } => {
+            r.status = RechargeStatus::Reversed;
+            r.reversed_credits += credits;
+            r.reversed_fen = *reversed_fen;
+            // Journals written before refunds and disputes were recorded as facts carry the
+            // reversed amount only here: keep the facts at least as high, so it is never
+            // "given back" by a later decision.
+            let taken = r.taken_back_fen();
+            if taken < *reversed_fen {
+                r.refunded_fen += reversed_fen - taken;
+            }
+        }
+        CreditEvent::RechargeReinstated {
+            credits,
+            reversed_fen,
+            ..
+        } => {
+            r.reversed_credits -= credits;
+            r.reversed_fen = *reversed_fen;
+            r.status = if r.reversed_credits > 0 {
+                RechargeStatus::Reversed
+            } else {
+                RechargeStatus::Completed
+            };
+        }
+        CreditEvent::PaymentRefunded { refunded_fen, .. } => {
+            r.refunded_fen = r.refunded_fen.max(*refunded_fen);
+        }
+        CreditEvent::PaymentDisputed {
+            dispute_id,
+            amount_fen,
+            stage,
+            ..
+        } => {
+            r.disputes.insert(
+                dispute_id.clone(),
+                Dispute {
+                    amount_fen: *amount_fen,
+                    stage: *stage,
+                },
+            );
+        }
+        _ => {}
+    }
+}
+
+/// The money event that brings a credited recharge's clawed-back credits to what its
+/// refunds and disputes say: a reversal, a reinstatement, or nothing. Nothing moves for a
+/// recharge that was never credited: its facts are netted when it completes.
+fn settle_reversal(
+    recharge_id: &str,
+    r: &Recharge,
+    balance: i64,
+    reason: &str,
+    reference: &str,
+) -> Result<Option<CreditEvent>, LedgerError> {
+    if !r.is_credited() {
+        return Ok(None);
+    }
+    let target_fen = r.taken_back_fen();
+    let target = r.credits_of(target_fen)?;
+    let delta = target - r.reversed_credits;
+    if delta > 0 {
+        Ok(Some(CreditEvent::RechargeReversed {
+            recharge_id: recharge_id.to_owned(),
+            credits: delta,
+            reversed_fen: target_fen,
+            reason: reason.to_owned(),
+            reference: reference.to_owned(),
+            balance_after: balance.checked_sub(delta).ok_or(LedgerError::Overflow)?,
+        }))
+    } else if delta < 0 {
+        Ok(Some(CreditEvent::RechargeReinstated {
+            recharge_id: recharge_id.to_owned(),
+            credits: -delta,
+            reversed_fen: target_fen,
+            reason: reason.to_owned(),
+            reference: reference.to_owned(),
+            balance_after: balance.checked_sub(delta).ok_or(LedgerError::Overflow)?,
+        }))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Control characters other than tab and line breaks have no place in stored text (and
+/// PostgreSQL's jsonb refuses `\u0000`).
+fn is_forbidden_control(c: char) -> bool {
+    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
+}
+
+/// Refuses text that a client sent with control characters in it.
+fn check_clean(field: &'static str, value: &str) -> Result<(), LedgerError> {
+    if value.chars().any(is_forbidden_control) {
+        return Err(LedgerError::ControlCharacters { field });
+    }
+    Ok(())
+}
+
+/// Provider-supplied text is recorded as given, less control characters, and bounded.
+fn clean(text: String) -> String {
+    if text.chars().any(is_forbidden_control) {
+        truncate(text.replace(is_forbidden_control, " "))
+    } else {
+        truncate(text)
     }
 }
 

@@ -1,4 +1,7 @@
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::account::DisputeStage;
 
 /// What was asked of the video provider, recorded with the deduction that paid for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -9,6 +12,22 @@ pub struct VideoSpec {
     pub duration: u32,
     pub size: String,
     pub reference_url: Option<String>,
+}
+
+impl VideoSpec {
+    /// SHA-256 (hex) of the request's fields: a retry with the same Idempotency-Key must ask
+    /// for the same video.
+    pub fn fingerprint(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        hex_sha256(&text)
+    }
+}
+
+pub(crate) fn hex_sha256(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Everything that can be asked of a `CreditAccount`. Every command names the thing it acts
@@ -44,13 +63,21 @@ pub enum CreditCommand {
     CancelRecharge {
         recharge_id: String,
     },
-    /// The provider refunded or disputed `reversed_fen` in total (cumulative) of a completed
-    /// recharge; the credits it bought are clawed back in proportion.
-    ReverseRecharge {
+    /// The provider says `refunded_fen` of the payment has been refunded so far
+    /// (cumulative). Accepted in any state of the recharge, even pending: a refund that
+    /// arrives before the completion is netted when the completion comes.
+    RecordRefund {
         recharge_id: String,
-        reversed_fen: i64,
-        reason: String,
+        refunded_fen: i64,
         reference: String,
+    },
+    /// A dispute on the payment reached `stage`. Stages only move forward; a stage that is
+    /// not beyond the one recorded changes nothing.
+    RecordDispute {
+        recharge_id: String,
+        dispute_id: String,
+        amount_fen: i64,
+        stage: DisputeStage,
     },
     /// Charge `credits` for a new video task.
     DeductForTask {
@@ -60,9 +87,20 @@ pub enum CreditCommand {
         video: VideoSpec,
         callback_token_sha256: String,
     },
+    /// The submission's outcome is unknown: keep the task charged, say so.
+    MarkSubmissionUncertain {
+        task_id: String,
+        error_message: String,
+    },
     MarkTaskSubmitted {
         task_id: String,
         provider_task_id: String,
+    },
+    /// A running update from the provider: progress only moves up, and only while the task is
+    /// open.
+    RecordProgress {
+        task_id: String,
+        progress: u8,
     },
     RecordVideoSuccess {
         task_id: String,

@@ -24,10 +24,10 @@ pub enum LedgerError {
         recharge_id: String,
         status: &'static str,
     },
-    #[error("recharge {recharge_id} was not completed, nothing to reverse")]
-    RechargeNotCompleted { recharge_id: String },
-    #[error("recharge {recharge_id}: nothing more to reverse")]
-    NothingToReverse { recharge_id: String },
+    #[error("recharge {recharge_id}: this refund or dispute stage is already recorded")]
+    AlreadyRecorded { recharge_id: String },
+    #[error("text field {field} contains control characters")]
+    ControlCharacters { field: &'static str },
     #[error("amount mismatch: recharge is {expected} fen, payment is {actual} fen")]
     AmountMismatch { expected: i64, actual: i64 },
     #[error("currency mismatch: recharge is {expected}, payment is {actual}")]
@@ -38,6 +38,8 @@ pub enum LedgerError {
     UnknownTask { task_id: String },
     #[error("task {task_id} is already settled")]
     TaskAlreadySettled { task_id: String },
+    #[error("task {task_id}: progress did not move forward")]
+    StaleProgress { task_id: String },
     #[error("task {task_id} is already submitted")]
     TaskAlreadySubmitted { task_id: String },
     #[error("adjustment {adjustment_id} already exists")]
@@ -60,13 +62,14 @@ impl LedgerError {
             Self::UnknownRecharge { .. } => "unknown_recharge",
             Self::RechargeAlreadyCompleted { .. } => "recharge_already_completed",
             Self::RechargeNotPending { .. } => "recharge_not_pending",
-            Self::RechargeNotCompleted { .. } => "recharge_not_completed",
-            Self::NothingToReverse { .. } => "nothing_to_reverse",
+            Self::AlreadyRecorded { .. } => "already_recorded",
+            Self::ControlCharacters { .. } => "control_characters",
             Self::AmountMismatch { .. } => "amount_mismatch",
             Self::CurrencyMismatch { .. } => "currency_mismatch",
             Self::TaskAlreadyCharged { .. } => "task_already_charged",
             Self::UnknownTask { .. } => "unknown_task",
             Self::TaskAlreadySettled { .. } => "task_already_settled",
+            Self::StaleProgress { .. } => "stale_progress",
             Self::TaskAlreadySubmitted { .. } => "task_already_submitted",
             Self::AdjustmentExists { .. } => "adjustment_exists",
             Self::AdjustmentBelowZero { .. } => "adjustment_below_zero",

@@ -1,6 +1,7 @@
 use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
+use crate::account::DisputeStage;
 use crate::command::VideoSpec;
 
 /// Version written with every event. Event names and shapes are a contract once shipped:
@@ -46,11 +47,40 @@ pub enum CreditEvent {
     RechargeReversed {
         recharge_id: String,
         credits: i64,
-        /// Total fen refunded or disputed so far for this recharge.
+        /// Fen clawed back in total for this recharge after this event:
+        /// min(paid, refunded + disputed and not won).
         reversed_fen: i64,
         reason: String,
         reference: String,
         balance_after: i64,
+    },
+    /// Credits clawed back earlier are given back: a dispute was won (funds reinstated).
+    RechargeReinstated {
+        recharge_id: String,
+        credits: i64,
+        /// Fen clawed back in total for this recharge after this event.
+        reversed_fen: i64,
+        reason: String,
+        reference: String,
+        balance_after: i64,
+    },
+    /// The provider reports that this much of the payment has been refunded so far
+    /// (cumulative). A fact, recorded whatever the recharge's state; the credits it claws
+    /// back, if any, are a `RechargeReversed` in the same command.
+    PaymentRefunded {
+        recharge_id: String,
+        /// Cumulative fen refunded (Stripe's `charge.amount_refunded`).
+        refunded_fen: i64,
+        reference: String,
+    },
+    /// A dispute on the payment reached a stage. A fact, recorded whatever the recharge's
+    /// state; the credits it moves, if any, follow in the same command.
+    PaymentDisputed {
+        recharge_id: String,
+        dispute_id: String,
+        /// The disputed amount (not cumulative with refunds).
+        amount_fen: i64,
+        stage: DisputeStage,
     },
     /// Credits taken for a video task, before the provider is called.
     CreditsDeducted {
@@ -67,6 +97,15 @@ pub enum CreditEvent {
         task_id: String,
         provider_task_id: String,
     },
+    /// The provider's answer to the submission is unknown (time-out, connection lost after
+    /// the request was sent, unreadable answer): the task stays charged until its callback or
+    /// the settlement deadline decides.
+    VideoSubmissionUncertain {
+        task_id: String,
+        error_message: String,
+    },
+    /// The provider reported progress on a running task (0..=99; only increases).
+    VideoProgressed { task_id: String, progress: u8 },
     /// The provider delivered the video.
     VideoSucceeded {
         task_id: String,
@@ -79,6 +118,15 @@ pub enum CreditEvent {
         task_id: String,
         failure_reason: String,
         error_message: String,
+    },
+    /// The provider delivered a video for a task that had already been refunded (settled as
+    /// failed, then it succeeded after all). Recorded so the user gets the video; no money
+    /// moves: the refund stands (see docs/EVENTS.md).
+    VideoDeliveredAfterRefund {
+        task_id: String,
+        video_url: String,
+        remove_watermark: Option<bool>,
+        pid: Option<String>,
     },
     /// The credits of a failed task were given back.
     CreditsRefunded {
@@ -101,6 +149,7 @@ impl CreditEvent {
     pub fn credit_delta(&self) -> Option<i64> {
         match self {
             Self::RechargeCompleted { credits, .. }
+            | Self::RechargeReinstated { credits, .. }
             | Self::CreditsRefunded { credits, .. }
             | Self::CreditsAdjusted { credits, .. } => Some(*credits),
             Self::RechargeReversed { credits, .. } | Self::CreditsDeducted { credits, .. } => {
@@ -115,6 +164,7 @@ impl CreditEvent {
         match self {
             Self::RechargeCompleted { balance_after, .. }
             | Self::RechargeReversed { balance_after, .. }
+            | Self::RechargeReinstated { balance_after, .. }
             | Self::CreditsDeducted { balance_after, .. }
             | Self::CreditsRefunded { balance_after, .. }
             | Self::CreditsAdjusted { balance_after, .. } => Some(*balance_after),
@@ -130,8 +180,14 @@ impl CreditEvent {
             Self::RechargeFailed { .. } => "RechargeFailed",
             Self::RechargeCancelled { .. } => "RechargeCancelled",
             Self::RechargeReversed { .. } => "RechargeReversed",
+            Self::RechargeReinstated { .. } => "RechargeReinstated",
+            Self::PaymentRefunded { .. } => "PaymentRefunded",
+            Self::PaymentDisputed { .. } => "PaymentDisputed",
+            Self::VideoSubmissionUncertain { .. } => "VideoSubmissionUncertain",
+            Self::VideoDeliveredAfterRefund { .. } => "VideoDeliveredAfterRefund",
             Self::CreditsDeducted { .. } => "CreditsDeducted",
             Self::VideoTaskSubmitted { .. } => "VideoTaskSubmitted",
+            Self::VideoProgressed { .. } => "VideoProgressed",
             Self::VideoSucceeded { .. } => "VideoSucceeded",
             Self::VideoFailed { .. } => "VideoFailed",
             Self::CreditsRefunded { .. } => "CreditsRefunded",

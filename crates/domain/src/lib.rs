@@ -13,7 +13,10 @@ mod ids;
 pub mod ports;
 mod pricing;
 
-pub use account::{CreditAccount, Recharge, RechargeStatus, Task, TaskStatus};
+pub use account::{
+    adjustment_fingerprint, CreditAccount, Dispute, DisputeStage, Recharge, RechargeStatus, Task,
+    TaskStatus,
+};
 pub use command::{CreditCommand, VideoSpec};
 pub use error::LedgerError;
 pub use event::{CreditEvent, EVENT_VERSION};

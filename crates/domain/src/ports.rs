@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 /// Failure of an outside provider. `Rejected` is a definite "no" (nothing was created, safe to
-/// refund or mark failed); `Unavailable` covers transport errors, time-outs and 5xx answers.
+/// refund or mark failed); `Unavailable` means the outcome is unknown (time-out or connection
+/// lost after the request was sent, a gateway error, an unreadable answer): the request may
+/// have been carried out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
     #[error("provider rejected the request: {0}")]
@@ -37,7 +39,29 @@ pub struct CheckoutSession {
     pub url: Option<String>,
 }
 
-/// The payment side: creates checkout sessions. Completion arrives later by webhook.
+/// A checkout session as the provider sees it now: how a lost webhook is reconciled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckoutStatus {
+    pub session_id: String,
+    /// `open`, `complete` or `expired`.
+    pub status: String,
+    /// `paid`, `unpaid` or `no_payment_required`.
+    pub payment_status: String,
+    pub amount_total: Option<i64>,
+    pub currency: Option<String>,
+    /// The payment reference (Stripe payment intent), once there is one.
+    pub payment_intent: Option<String>,
+    /// Whether the payment failed for good (its payment intent was cancelled or needs a new
+    /// payment method after an asynchronous failure).
+    pub payment_failed: bool,
+    /// Cumulative amount refunded on the payment's charge.
+    pub amount_refunded: i64,
+    /// Whether the payment's charge is disputed.
+    pub disputed: bool,
+}
+
+/// The payment side: creates checkout sessions. Completion arrives later by webhook, or is
+/// found by retrieving the session.
 #[async_trait]
 pub trait PaymentProvider: Send + Sync {
     /// The provider's name as recorded in `recharge_records.payment_method` (`stripe`, `demo`).
@@ -46,6 +70,8 @@ pub trait PaymentProvider: Send + Sync {
         &self,
         req: &CheckoutRequest,
     ) -> Result<CheckoutSession, ProviderError>;
+    /// The session as it stands at the provider.
+    async fn retrieve_checkout(&self, session_id: &str) -> Result<CheckoutStatus, ProviderError>;
 }
 
 /// A video generation request as the service forwards it to the provider.

@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used)]
 
 use cqrs_es::test::TestFramework;
-use credit_domain::{CreditAccount, CreditCommand, CreditEvent, IdError, LedgerError, VideoSpec};
+use credit_domain::{
+    CreditAccount, CreditCommand, CreditEvent, DisputeStage, IdError, LedgerError, VideoSpec,
+};
 
 type Framework = TestFramework<CreditAccount>;
 
@@ -76,12 +78,37 @@ fn cancelled(recharge_id: &str) -> CreditEvent {
     }
 }
 
-fn reverse(recharge_id: &str, reversed_fen: i64) -> CreditCommand {
-    CreditCommand::ReverseRecharge {
+fn reverse(recharge_id: &str, refunded_fen: i64) -> CreditCommand {
+    CreditCommand::RecordRefund {
         recharge_id: recharge_id.to_owned(),
-        reversed_fen,
-        reason: "refund".to_owned(),
+        refunded_fen,
         reference: "re_1".to_owned(),
+    }
+}
+
+fn refund_fact(recharge_id: &str, refunded_fen: i64) -> CreditEvent {
+    CreditEvent::PaymentRefunded {
+        recharge_id: recharge_id.to_owned(),
+        refunded_fen,
+        reference: "re_1".to_owned(),
+    }
+}
+
+fn dispute(recharge_id: &str, amount_fen: i64, stage: DisputeStage) -> CreditCommand {
+    CreditCommand::RecordDispute {
+        recharge_id: recharge_id.to_owned(),
+        dispute_id: "dp_1".to_owned(),
+        amount_fen,
+        stage,
+    }
+}
+
+fn dispute_fact(recharge_id: &str, amount_fen: i64, stage: DisputeStage) -> CreditEvent {
+    CreditEvent::PaymentDisputed {
+        recharge_id: recharge_id.to_owned(),
+        dispute_id: "dp_1".to_owned(),
+        amount_fen,
+        stage,
     }
 }
 
@@ -90,7 +117,7 @@ fn reversed(recharge_id: &str, credits: i64, reversed_fen: i64, balance_after: i
         recharge_id: recharge_id.to_owned(),
         credits,
         reversed_fen,
-        reason: "refund".to_owned(),
+        reason: "refunded at the provider".to_owned(),
         reference: "re_1".to_owned(),
         balance_after,
     }
@@ -679,7 +706,7 @@ fn full_reversal_claws_back_every_credit() {
     framework()
         .given(completed_r1())
         .when(reverse("r1", 5000))
-        .then_expect_events(vec![reversed("r1", 5000, 5000, 0)]);
+        .then_expect_events(vec![refund_fact("r1", 5000), reversed("r1", 5000, 5000, 0)]);
 }
 
 #[test]
@@ -687,7 +714,10 @@ fn partial_reversal_claws_back_in_proportion() {
     framework()
         .given(completed_r1())
         .when(reverse("r1", 1500))
-        .then_expect_events(vec![reversed("r1", 1500, 1500, 3500)]);
+        .then_expect_events(vec![
+            refund_fact("r1", 1500),
+            reversed("r1", 1500, 1500, 3500),
+        ]);
 }
 
 #[test]
@@ -699,7 +729,10 @@ fn partial_reversal_is_proportional_to_the_price_paid() {
             completed("r1", 7500, 7500),
         ])
         .when(reverse("r1", 1500))
-        .then_expect_events(vec![reversed("r1", 2250, 1500, 5250)]);
+        .then_expect_events(vec![
+            refund_fact("r1", 1500),
+            reversed("r1", 2250, 1500, 5250),
+        ]);
 }
 
 #[test]
@@ -708,7 +741,7 @@ fn reversals_are_cumulative_a_later_full_refund_claws_back_the_rest() {
         .given(completed_r1())
         .and(vec![reversed("r1", 1500, 1500, 3500)])
         .when(reverse("r1", 5000))
-        .then_expect_events(vec![reversed("r1", 3500, 5000, 0)]);
+        .then_expect_events(vec![refund_fact("r1", 5000), reversed("r1", 3500, 5000, 0)]);
 }
 
 #[test]
@@ -720,7 +753,7 @@ fn reversals_with_rounding_never_claw_back_more_than_was_bought() {
             completed("r1", 499, 499),
         ])
         .when(reverse("r1", 100))
-        .then_expect_events(vec![reversed("r1", 149, 100, 350)]);
+        .then_expect_events(vec![refund_fact("r1", 100), reversed("r1", 149, 100, 350)]);
     framework()
         .given(vec![
             requested("r1", 333, 499, 150),
@@ -728,7 +761,7 @@ fn reversals_with_rounding_never_claw_back_more_than_was_bought() {
             reversed("r1", 149, 100, 350),
         ])
         .when(reverse("r1", 333))
-        .then_expect_events(vec![reversed("r1", 350, 333, 0)]);
+        .then_expect_events(vec![refund_fact("r1", 333), reversed("r1", 350, 333, 0)]);
 }
 
 #[test]
@@ -736,12 +769,12 @@ fn reversal_of_more_than_was_paid_is_capped_at_the_amount() {
     framework()
         .given(completed_r1())
         .when(reverse("r1", 9000))
-        .then_expect_events(vec![reversed("r1", 5000, 5000, 0)]);
+        .then_expect_events(vec![refund_fact("r1", 5000), reversed("r1", 5000, 5000, 0)]);
 }
 
 #[test]
 fn reversal_repeating_the_same_total_has_nothing_to_reverse() {
-    let nothing = LedgerError::NothingToReverse {
+    let nothing = LedgerError::AlreadyRecorded {
         recharge_id: "r1".to_owned(),
     };
     framework()
@@ -772,16 +805,11 @@ fn reversal_worth_less_than_a_credit_has_nothing_to_reverse() {
     framework()
         .given(vec![requested("r1", 150, 1, 1), completed("r1", 1, 1)])
         .when(reverse("r1", 100))
-        .then_expect_error(LedgerError::NothingToReverse {
-            recharge_id: "r1".to_owned(),
-        });
+        .then_expect_events(vec![refund_fact("r1", 100)]);
 }
 
 #[test]
-fn reversal_of_a_recharge_that_was_not_completed_is_refused() {
-    let not_completed = LedgerError::RechargeNotCompleted {
-        recharge_id: "r1".to_owned(),
-    };
+fn a_refund_before_the_completion_is_recorded_and_moves_no_credits() {
     for history in [
         vec![requested("r1", 5000, 5000, 100)],
         vec![requested("r1", 5000, 5000, 100), failed("r1")],
@@ -790,7 +818,116 @@ fn reversal_of_a_recharge_that_was_not_completed_is_refused() {
         framework()
             .given(history)
             .when(reverse("r1", 5000))
-            .then_expect_error(not_completed.clone());
+            .then_expect_events(vec![refund_fact("r1", 5000)]);
+    }
+}
+
+#[test]
+fn a_refund_recorded_before_the_completion_is_netted_when_it_completes() {
+    framework()
+        .given(vec![
+            requested("r1", 5000, 5000, 100),
+            refund_fact("r1", 2000),
+        ])
+        .when(complete("r1", 5000))
+        .then_expect_events(vec![
+            completed("r1", 5000, 5000),
+            CreditEvent::RechargeReversed {
+                recharge_id: "r1".to_owned(),
+                credits: 2000,
+                reversed_fen: 2000,
+                reason: "refunded or disputed before the payment completed".to_owned(),
+                reference: "pi_r1".to_owned(),
+                balance_after: 3000,
+            },
+        ]);
+}
+
+#[test]
+fn refunds_and_disputes_are_separate_amounts() {
+    // 100 yuan paid, 60 refunded, then a dispute of the remaining 40: nothing left.
+    framework()
+        .given(vec![
+            requested("r1", 10000, 10000, 100),
+            completed("r1", 10000, 10000),
+            refund_fact("r1", 6000),
+            reversed("r1", 6000, 6000, 4000),
+        ])
+        .when(dispute("r1", 4000, DisputeStage::Open))
+        .then_expect_events(vec![
+            dispute_fact("r1", 4000, DisputeStage::Open),
+            CreditEvent::RechargeReversed {
+                recharge_id: "r1".to_owned(),
+                credits: 4000,
+                reversed_fen: 10000,
+                reason: "dispute open".to_owned(),
+                reference: "dp_1".to_owned(),
+                balance_after: 0,
+            },
+        ]);
+}
+
+#[test]
+fn an_inquiry_claws_back_nothing() {
+    framework()
+        .given(completed_r1())
+        .when(dispute("r1", 5000, DisputeStage::Inquiry))
+        .then_expect_events(vec![dispute_fact("r1", 5000, DisputeStage::Inquiry)]);
+    framework()
+        .given(completed_r1())
+        .and(vec![dispute_fact("r1", 5000, DisputeStage::Inquiry)])
+        .when(dispute("r1", 5000, DisputeStage::InquiryClosed))
+        .then_expect_events(vec![dispute_fact("r1", 5000, DisputeStage::InquiryClosed)]);
+}
+
+#[test]
+fn a_won_dispute_gives_the_credits_back() {
+    framework()
+        .given(completed_r1())
+        .and(vec![
+            dispute_fact("r1", 5000, DisputeStage::Open),
+            CreditEvent::RechargeReversed {
+                recharge_id: "r1".to_owned(),
+                credits: 5000,
+                reversed_fen: 5000,
+                reason: "dispute open".to_owned(),
+                reference: "dp_1".to_owned(),
+                balance_after: 0,
+            },
+        ])
+        .when(dispute("r1", 5000, DisputeStage::Won))
+        .then_expect_events(vec![
+            dispute_fact("r1", 5000, DisputeStage::Won),
+            CreditEvent::RechargeReinstated {
+                recharge_id: "r1".to_owned(),
+                credits: 5000,
+                reversed_fen: 0,
+                reason: "dispute won".to_owned(),
+                reference: "dp_1".to_owned(),
+                balance_after: 5000,
+            },
+        ]);
+}
+
+#[test]
+fn a_dispute_stage_never_moves_back() {
+    let recorded = LedgerError::AlreadyRecorded {
+        recharge_id: "r1".to_owned(),
+    };
+    for (later, earlier) in [
+        (DisputeStage::Won, DisputeStage::Open),
+        (DisputeStage::Won, DisputeStage::FundsWithdrawn),
+        (DisputeStage::Lost, DisputeStage::Won),
+        (DisputeStage::FundsWithdrawn, DisputeStage::Open),
+        (DisputeStage::Open, DisputeStage::Open),
+    ] {
+        framework()
+            .given(vec![
+                requested("r1", 5000, 5000, 100),
+                dispute_fact("r1", 5000, later),
+            ])
+            .when(dispute("r1", 5000, earlier))
+            .then_expect_error(recorded.clone());
     }
 }
 
@@ -815,22 +952,12 @@ fn reversal_of_a_non_positive_amount_is_refused() {
 }
 
 #[test]
-fn reversal_without_reason_or_reference_is_refused() {
+fn a_refund_without_reference_is_refused() {
     framework()
         .given(completed_r1())
-        .when(CreditCommand::ReverseRecharge {
+        .when(CreditCommand::RecordRefund {
             recharge_id: "r1".to_owned(),
-            reversed_fen: 5000,
-            reason: String::new(),
-            reference: "re_1".to_owned(),
-        })
-        .then_expect_error(invalid_text("reason"));
-    framework()
-        .given(completed_r1())
-        .when(CreditCommand::ReverseRecharge {
-            recharge_id: "r1".to_owned(),
-            reversed_fen: 5000,
-            reason: "refund".to_owned(),
+            refunded_fen: 5000,
             reference: String::new(),
         })
         .then_expect_error(invalid_text("reference"));
@@ -846,14 +973,17 @@ fn reversal_of_a_very_large_recharge_does_not_overflow() {
             completed("r1", fen, fen),
         ])
         .when(reverse("r1", fen / 2))
-        .then_expect_events(vec![reversed("r1", fen / 2, fen / 2, fen / 2)]);
+        .then_expect_events(vec![
+            refund_fact("r1", fen / 2),
+            reversed("r1", fen / 2, fen / 2, fen / 2),
+        ]);
     framework()
         .given(vec![
             requested("r1", fen, fen, 100),
             completed("r1", fen, fen),
         ])
         .when(reverse("r1", fen))
-        .then_expect_events(vec![reversed("r1", fen, fen, 0)]);
+        .then_expect_events(vec![refund_fact("r1", fen), reversed("r1", fen, fen, 0)]);
 }
 
 /// 5000 credits bought, 4000 spent, then the whole payment refunded: 4000 in debt.
@@ -869,7 +999,10 @@ fn reversal_of_spent_credits_takes_the_balance_below_zero() {
     framework()
         .given(in_debt())
         .when(reverse("r1", 5000))
-        .then_expect_events(vec![reversed("r1", 5000, 5000, -4000)]);
+        .then_expect_events(vec![
+            refund_fact("r1", 5000),
+            reversed("r1", 5000, 5000, -4000),
+        ]);
 }
 
 #[test]
@@ -1169,7 +1302,13 @@ fn success_of_a_task_never_marked_submitted() {
 }
 
 #[test]
-fn success_after_failure_is_refused() {
+fn success_after_a_refund_is_recorded_once_and_moves_no_credits() {
+    let late = CreditEvent::VideoDeliveredAfterRefund {
+        task_id: "t1".to_owned(),
+        video_url: "https://cdn.example/v.mp4".to_owned(),
+        remove_watermark: Some(true),
+        pid: Some("p1".to_owned()),
+    };
     framework()
         .given(charged_t1())
         .and(vec![
@@ -1178,9 +1317,58 @@ fn success_after_failure_is_refused() {
             refunded("t1", 10, 100),
         ])
         .when(succeed("t1"))
+        .then_expect_events(vec![late.clone()]);
+    framework()
+        .given(charged_t1())
+        .and(vec![
+            submitted("t1"),
+            video_failed("t1"),
+            refunded("t1", 10, 100),
+            late,
+        ])
+        .when(succeed("t1"))
         .then_expect_error(LedgerError::TaskAlreadySettled {
             task_id: "t1".to_owned(),
         });
+}
+
+#[test]
+fn an_uncertain_submission_stays_charged_until_decided() {
+    let uncertain = CreditEvent::VideoSubmissionUncertain {
+        task_id: "t1".to_owned(),
+        error_message: "timed out".to_owned(),
+    };
+    framework()
+        .given(charged_t1())
+        .when(CreditCommand::MarkSubmissionUncertain {
+            task_id: "t1".to_owned(),
+            error_message: "timed out".to_owned(),
+        })
+        .then_expect_events(vec![uncertain.clone()]);
+    // Its callback may still come, with the provider's id.
+    framework()
+        .given(charged_t1())
+        .and(vec![uncertain.clone()])
+        .when(succeed("t1"))
+        .then_expect_events(vec![succeeded("t1")]);
+    framework()
+        .given(charged_t1())
+        .and(vec![uncertain])
+        .when(fail_video("t1"))
+        .then_expect_events(vec![video_failed("t1"), refunded("t1", 10, 100)]);
+}
+
+#[test]
+fn control_characters_in_client_text_are_refused() {
+    framework()
+        .given(paid(100))
+        .when(CreditCommand::Adjust {
+            adjustment_id: "a1".to_owned(),
+            credits: 5,
+            actor: "ops@example.com".to_owned(),
+            reason: "bad\u{0}reason".to_owned(),
+        })
+        .then_expect_error(LedgerError::ControlCharacters { field: "reason" });
 }
 
 #[test]

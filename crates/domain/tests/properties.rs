@@ -10,7 +10,9 @@ use std::task::{Context, Poll, Waker};
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
-use credit_domain::{CreditAccount, CreditCommand, CreditEvent, RechargeStatus, VideoSpec};
+use credit_domain::{
+    CreditAccount, CreditCommand, CreditEvent, DisputeStage, RechargeStatus, VideoSpec,
+};
 use proptest::prelude::*;
 
 const RECHARGE_IDS: [&str; 3] = ["r1", "r2", "r3"];
@@ -45,6 +47,12 @@ enum Op {
     Reverse {
         recharge: usize,
         amount: ReverseAmount,
+    },
+    Dispute {
+        recharge: usize,
+        dispute: u8,
+        percent: i64,
+        stage: DisputeStage,
     },
     Deduct {
         task: usize,
@@ -148,13 +156,33 @@ fn op() -> impl Strategy<Value = Op> {
         1 => recharge.clone().prop_map(|recharge| Op::Fail { recharge }),
         1 => recharge.clone().prop_map(|recharge| Op::Cancel { recharge }),
         3 => (
-            recharge,
+            recharge.clone(),
             prop_oneof![
                 4 => (0..=120i64).prop_map(ReverseAmount::Percent),
                 1 => fen().prop_map(ReverseAmount::Raw),
             ],
         )
             .prop_map(|(recharge, amount)| Op::Reverse { recharge, amount }),
+        2 => (
+            recharge.clone(),
+            0..2u8,
+            1..=100i64,
+            prop_oneof![
+                Just(DisputeStage::Inquiry),
+                Just(DisputeStage::Open),
+                Just(DisputeStage::FundsWithdrawn),
+                Just(DisputeStage::Won),
+                Just(DisputeStage::Lost),
+                Just(DisputeStage::InquiryClosed),
+                Just(DisputeStage::Prevented),
+            ],
+        )
+            .prop_map(|(recharge, dispute, percent, stage)| Op::Dispute {
+                recharge,
+                dispute,
+                percent,
+                stage
+            }),
         4 => (task.clone(), task_credits())
             .prop_map(|(task, credits)| Op::Deduct { task, credits }),
         1 => task.clone().prop_map(|task| Op::Submit { task }),
@@ -216,9 +244,24 @@ fn resolve(op: &Op, state: &CreditAccount) -> CreditCommand {
         Op::Cancel { recharge } => CreditCommand::CancelRecharge {
             recharge_id: RECHARGE_IDS[recharge].to_owned(),
         },
-        Op::Reverse { recharge, amount } => CreditCommand::ReverseRecharge {
+        Op::Dispute {
+            recharge,
+            dispute,
+            percent,
+            stage,
+        } => CreditCommand::RecordDispute {
             recharge_id: RECHARGE_IDS[recharge].to_owned(),
-            reversed_fen: match amount {
+            dispute_id: format!("dp_{dispute}"),
+            amount_fen: i64::try_from(
+                i128::from(requested_fen(recharge)) * i128::from(percent) / 100,
+            )
+            .unwrap_or(i64::MAX)
+            .max(1),
+            stage,
+        },
+        Op::Reverse { recharge, amount } => CreditCommand::RecordRefund {
+            recharge_id: RECHARGE_IDS[recharge].to_owned(),
+            refunded_fen: match amount {
                 ReverseAmount::Percent(p) => {
                     // Above 100% of a huge amount: saturate, the ledger caps it anyway.
                     i64::try_from(i128::from(requested_fen(recharge)) * i128::from(p) / 100)
@@ -226,8 +269,7 @@ fn resolve(op: &Op, state: &CreditAccount) -> CreditCommand {
                 }
                 ReverseAmount::Raw(fen) => fen,
             },
-            reason: "dispute".to_owned(),
-            reference: "dp_1".to_owned(),
+            reference: "re_1".to_owned(),
         },
         Op::Deduct { task, credits } => CreditCommand::DeductForTask {
             task_id: TASK_IDS[task].to_owned(),
@@ -360,6 +402,17 @@ fn check_sequence(ops: &[Op]) -> Result<(), TestCaseError> {
                     prop_assert_eq!(state.balance(), previous);
                 }
             }
+            if let CreditEvent::RechargeReinstated {
+                recharge_id,
+                credits,
+                ..
+            } = &event
+            {
+                prop_assert!(*credits > 0);
+                let clawed = model.clawed_back.entry(recharge_id.clone()).or_default();
+                *clawed -= credits;
+                prop_assert!(*clawed >= 0, "reinstated more than was clawed back");
+            }
             if matches!(event, CreditEvent::RechargeReversed { .. }) {
                 model.reversed = true;
             }
@@ -411,6 +464,25 @@ fn check_sequence(ops: &[Op]) -> Result<(), TestCaseError> {
                 RechargeStatus::Completed | RechargeStatus::Reversed
             );
             prop_assert_eq!(completed, model.completed.contains(id));
+            // What the money says: a credited recharge has lost exactly the credits for
+            // min(paid, refunded + disputed and not won).
+            if completed {
+                let held: i64 = recharge
+                    .disputes
+                    .values()
+                    .filter(|d| {
+                        matches!(
+                            d.stage,
+                            DisputeStage::Open | DisputeStage::FundsWithdrawn | DisputeStage::Lost
+                        )
+                    })
+                    .map(|d| d.amount_fen)
+                    .sum();
+                let taken = (recharge.refunded_fen + held).min(recharge.amount_fen);
+                let expected = i128::from(recharge.credits) * i128::from(taken)
+                    / i128::from(recharge.amount_fen);
+                prop_assert_eq!(i128::from(recharge.reversed_credits), expected);
+            }
         }
     }
     for id in TASK_IDS {
@@ -519,6 +591,18 @@ fn check_event_against_model(
             prop_assert!(model.requested.contains_key(recharge_id));
             prop_assert!(!model.completed.contains(recharge_id));
         }
+        CreditEvent::RechargeReinstated { recharge_id, .. } => {
+            prop_assert!(model.completed.contains(recharge_id));
+        }
+        CreditEvent::PaymentRefunded { recharge_id, .. }
+        | CreditEvent::PaymentDisputed { recharge_id, .. } => {
+            prop_assert!(model.requested.contains_key(recharge_id));
+        }
+        CreditEvent::VideoSubmissionUncertain { task_id, .. }
+        | CreditEvent::VideoProgressed { task_id, .. }
+        | CreditEvent::VideoDeliveredAfterRefund { task_id, .. } => {
+            prop_assert!(model.charged.contains_key(task_id));
+        }
     }
     Ok(())
 }
@@ -557,16 +641,22 @@ fn check_not_wrongly_refused(
                 && *credits > 0
                 && state.balance().checked_add(*credits).is_some()
         }
-        CreditCommand::ReverseRecharge {
+        CreditCommand::RecordRefund {
             recharge_id,
-            reversed_fen,
+            refunded_fen,
             ..
         } => state.recharge(recharge_id).is_some_and(|r| {
-            let total = (*reversed_fen).min(r.amount_fen);
-            let target = i128::from(r.credits) * i128::from(total) / i128::from(r.amount_fen);
-            model.completed.contains(recharge_id)
-                && total > r.reversed_fen
-                && target > i128::from(r.reversed_credits)
+            *refunded_fen > 0 && (*refunded_fen).min(r.amount_fen) > r.refunded_fen
+        }),
+        CreditCommand::RecordDispute {
+            recharge_id,
+            dispute_id,
+            stage,
+            ..
+        } => state.recharge(recharge_id).is_some_and(|r| {
+            r.disputes
+                .get(dispute_id)
+                .is_none_or(|d| stage.rank() > d.stage.rank())
         }),
         _ => false,
     };

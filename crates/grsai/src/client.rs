@@ -1,9 +1,11 @@
 //! The real Grsai API over HTTPS.
 //!
 //! Error mapping follows the port's contract: [`ProviderError::Rejected`] only when Grsai
-//! definitely said no (a non-zero `code`, or an HTTP 4xx), [`ProviderError::Unavailable`] for
-//! everything where we cannot know what happened (transport error, time-out, 5xx, an answer
-//! we cannot read). The API key lives in a [`SecretString`] and in a header marked sensitive;
+//! definitely said no (a non-zero `code`; an HTTP 4xx, or a 5xx other than a gateway's
+//! 502/504, with a body; a connection that could not be opened, so nothing was sent),
+//! [`ProviderError::Unavailable`] for everything where we cannot know what happened (time-out
+//! or connection lost after the request was sent, a gateway's 502/504, an empty 5xx, an
+//! answer we cannot read): the task may have been taken. The API key lives in a [`SecretString`] and in a header marked sensitive;
 //! it is never logged, and neither are prompts or callback URLs (the latter carry a per-task
 //! token).
 
@@ -171,17 +173,20 @@ impl GrsaiClient {
             .await
             .map_err(|e| self.transport_error(endpoint, &e))?;
 
-        if status.is_server_error() {
+        // A gateway's 502/504 means the request may have reached Grsai; any other 5xx with
+        // a body is Grsai's own answer that it did not take the task.
+        let gateway = matches!(status.as_u16(), 502 | 504);
+        if status.is_server_error() && (gateway || bytes.iter().all(u8::is_ascii_whitespace)) {
             tracing::warn!(
                 grsai.endpoint = endpoint,
                 http.status = status.as_u16(),
-                "Grsai server error"
+                "Grsai server error, outcome unknown"
             );
             return Err(ProviderError::Unavailable(format!(
                 "Grsai answered HTTP {status}"
             )));
         }
-        if status.is_client_error() {
+        if status.is_client_error() || status.is_server_error() {
             let detail = serde_json::from_slice::<Envelope>(&bytes)
                 .ok()
                 .and_then(|envelope| envelope.msg)
@@ -214,13 +219,16 @@ impl GrsaiClient {
     }
 
     fn transport_error(&self, endpoint: &str, error: &reqwest::Error) -> ProviderError {
-        let message = if error.is_timeout() {
-            format!("no answer from Grsai within {:?}", self.timeout)
-        } else {
-            format!("cannot reach Grsai: {error}")
-        };
         tracing::warn!(grsai.endpoint = endpoint, error = %error, "Grsai call failed");
-        ProviderError::Unavailable(message)
+        if error.is_connect() && !error.is_timeout() {
+            // The connection was never opened: nothing was sent, a definite "no".
+            return ProviderError::Rejected(format!("cannot connect to Grsai: {error}"));
+        }
+        if error.is_timeout() {
+            ProviderError::Unavailable(format!("no answer from Grsai within {:?}", self.timeout))
+        } else {
+            ProviderError::Unavailable(format!("Grsai call interrupted: {error}"))
+        }
     }
 }
 

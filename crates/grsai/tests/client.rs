@@ -98,11 +98,22 @@ async fn non_zero_code_is_rejected_with_the_message() {
 }
 
 #[tokio::test]
-async fn http_500_is_unavailable() {
+async fn http_500_with_a_body_is_a_refusal() {
     let grsai = FakeGrsai::start().await;
     grsai.set_mode(Mode::ServerError);
+    let err = client(&grsai).submit(&request()).await.unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Rejected(msg) if msg.contains("500")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_time_out_is_an_unknown_outcome() {
+    let grsai = FakeGrsai::start().await;
+    grsai.set_mode(Mode::GatewayTimeout);
     let msg = assert_unavailable(client(&grsai).submit(&request()).await);
-    assert!(msg.contains("500"), "{msg}");
+    assert!(msg.contains("504"), "{msg}");
     assert_unavailable(client(&grsai).poll("fake-task-1").await);
 }
 
@@ -135,7 +146,7 @@ async fn slow_answer_times_out_as_unavailable() {
 }
 
 #[tokio::test]
-async fn unreachable_grsai_is_unavailable() {
+async fn unreachable_grsai_is_a_refusal_nothing_was_sent() {
     let grsai = FakeGrsai::start().await;
     let base = grsai.base_url();
     drop(grsai);
@@ -144,7 +155,8 @@ async fn unreachable_grsai_is_unavailable() {
     let mut config = GrsaiConfig::new(base, SecretString::from(KEY));
     config.timeout = Duration::from_secs(2);
     let client = GrsaiClient::new(config).unwrap();
-    assert_unavailable(client.submit(&request()).await);
+    let err = client.submit(&request()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected(_)), "{err:?}");
 }
 
 #[tokio::test]

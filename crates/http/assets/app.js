@@ -85,6 +85,7 @@
       'video.submitted': '任务已提交，消耗 {cost} 积分',
       'video.err.prompt': '请输入提示词',
       'video.err.promptLong': '提示词最多 2000 个字',
+      'balance.debt': '您的余额为负（{credits} 积分）：一笔已使用的充值被退款或拒付。充值补足后才能继续生成视频。',
       'video.insufficient': '积分不足：生成一个视频需要 {required} 积分，您当前有 {credits} 积分。充值后即可继续创作。',
       'video.insufficientRecharge': '去充值',
       'video.providerError': '视频服务暂时不可用，请稍后再试。',
@@ -248,6 +249,7 @@
       'video.submitted': 'Task submitted, {cost} credits charged',
       'video.err.prompt': 'Enter a prompt',
       'video.err.promptLong': 'The prompt is limited to 2000 characters',
+      'balance.debt': 'Your balance is negative ({credits} credits): a recharge you had already spent was refunded or disputed. Top up to generate videos again.',
       'video.insufficient': 'Not enough credits: a video needs {required} credits and you have {credits}. Recharge to keep creating.',
       'video.insufficientRecharge': 'Recharge',
       'video.providerError': 'The video service is unavailable, please try again later.',
@@ -825,6 +827,14 @@
     value.textContent = typeof b === 'number' ? fmtInt(b) : '—';
     value.setAttribute('data-credits', typeof b === 'number' ? String(b) : '');
     $('#home-balance').textContent = typeof b === 'number' ? fmtInt(b) : '—';
+    // Below zero only through a reversal of spent credits: say so, spending is blocked.
+    const debt = $('#debt-notice');
+    const inDebt = typeof b === 'number' && b < 0;
+    $('#nav-balance').classList.toggle('in-debt', inDebt);
+    if (debt) {
+      debt.hidden = !inDebt;
+      debt.textContent = inDebt ? t('balance.debt', { credits: fmtInt(b) }) : '';
+    }
     const cost = videoCost();
     const rate = creditsPerYuan();
     $('#price-video-cost').textContent = cost === null ? '—' : fmtInt(cost);

@@ -97,10 +97,12 @@ impl Application {
             config.stripe_cancel_url = format!("{}/?recharge=cancel", config.public_base_url);
         }
 
+        let projector = Projector::new(db.read.clone(), ledger.appended());
         let state = web::Data::new(AppState {
             config,
             db: db.clone(),
             ledger: ledger.clone(),
+            projector: projector.clone(),
             payments,
             video,
             jwt,
@@ -108,7 +110,6 @@ impl Application {
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let projector = Projector::new(db.read.clone(), ledger.appended());
         let mut jobs = vec![tokio::spawn(projector.run(shutdown_rx.clone()))];
         jobs.push(tokio::spawn(crate::settlement::run(
             state.clone(),

@@ -65,6 +65,12 @@ pub struct Config {
     pub recharge_min_fen: i64,
     pub recharge_max_fen: i64,
     pub task_poll_after: Duration,
+    /// A task whose submission's outcome is unknown (or never known: the process stopped
+    /// between charge and answer) is refunded after this long with no sign that the provider
+    /// took it.
+    pub task_unknown_refund_after: Duration,
+    /// A recharge still pending this long after it was requested is checked at Stripe.
+    pub recharge_reconcile_after: Duration,
     pub settlement_interval: Duration,
     pub demo_video_delay: Duration,
     pub cors_allowed_origins: Vec<String>,
@@ -206,6 +212,14 @@ impl Config {
             Some(v) => parse_duration("TASK_POLL_AFTER", &v)?,
             None => Duration::from_secs(600),
         };
+        let task_unknown_refund_after = match get("TASK_UNKNOWN_REFUND_AFTER") {
+            Some(v) => parse_duration("TASK_UNKNOWN_REFUND_AFTER", &v)?,
+            None => Duration::from_secs(3600),
+        };
+        let recharge_reconcile_after = match get("RECHARGE_RECONCILE_AFTER") {
+            Some(v) => parse_duration("RECHARGE_RECONCILE_AFTER", &v)?,
+            None => Duration::from_secs(600),
+        };
         let settlement_interval = match get("SETTLEMENT_INTERVAL") {
             Some(v) => parse_duration("SETTLEMENT_INTERVAL", &v)?,
             None => Duration::from_secs(30),
@@ -277,6 +291,12 @@ impl Config {
                 "must be more than twice GRSAI_TIMEOUT, or tasks still being submitted would be refunded",
             ));
         }
+        if grsai.is_some() && task_unknown_refund_after <= grsai_timeout * 2 {
+            return Err(err(
+                "TASK_UNKNOWN_REFUND_AFTER",
+                "must be more than twice GRSAI_TIMEOUT, or tasks still being submitted would be refunded",
+            ));
+        }
         let config = Self {
             database_url,
             listen_addr,
@@ -296,6 +316,8 @@ impl Config {
             recharge_min_fen,
             recharge_max_fen,
             task_poll_after,
+            task_unknown_refund_after,
+            recharge_reconcile_after,
             settlement_interval,
             demo_video_delay,
             cors_allowed_origins,

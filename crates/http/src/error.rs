@@ -135,7 +135,10 @@ impl From<LedgerError> for ApiError {
             | LedgerError::TaskAlreadyCharged { .. }
             | LedgerError::TaskAlreadySettled { .. }
             | LedgerError::TaskAlreadySubmitted { .. }
-            | LedgerError::AdjustmentExists { .. } => StatusCode::CONFLICT,
+            | LedgerError::AdjustmentExists { .. }
+            | LedgerError::AlreadyRecorded { .. }
+            | LedgerError::StaleProgress { .. } => StatusCode::CONFLICT,
+            LedgerError::ControlCharacters { .. } => StatusCode::BAD_REQUEST,
             LedgerError::UnknownRecharge { .. } | LedgerError::UnknownTask { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -165,6 +168,15 @@ impl From<ExecuteError> for ApiError {
             ExecuteError::Store(cause) => ApiError::internal(cause),
         }
     }
+}
+
+/// An `Idempotency-Key` reused with a different request.
+pub fn idempotency_conflict() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_conflict",
+        "this Idempotency-Key was used before with a different request",
+    )
 }
 
 /// JSON, query and path extractor failures become 400s with our error shape.

@@ -9,6 +9,7 @@ mod auth;
 mod body;
 pub mod config;
 mod error;
+mod flows;
 mod health;
 mod limits;
 mod methods;

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use credit_domain::ports::{PaymentProvider, VideoProvider};
-use credit_store::{Database, Ledger};
+use credit_domain::UserId;
+use credit_store::{Database, Ledger, Projector};
 
 use crate::auth::JwtKeys;
 use crate::config::Config;
@@ -12,6 +13,8 @@ pub struct AppState {
     pub config: Config,
     pub db: Database,
     pub ledger: Arc<Ledger>,
+    /// For read-your-writes: a user's reads first bring that account's projection up to date.
+    pub projector: Projector,
     /// `None` in demo payment mode: recharges complete at once.
     pub payments: Option<Arc<dyn PaymentProvider>>,
     pub video: Arc<dyn VideoProvider>,
@@ -23,5 +26,16 @@ pub struct AppState {
 impl AppState {
     pub async fn read(&self) -> Result<deadpool_postgres::Object, crate::error::ApiError> {
         Ok(self.db.read.get().await?)
+    }
+
+    /// A read-side connection for `user`'s own reads, after the account's projection has
+    /// caught up with its journal: after a command is answered, the user's next read shows
+    /// it, on any process of the service (see docs/ARCHITECTURE.md, "Read your writes").
+    pub async fn read_own(
+        &self,
+        user: &UserId,
+    ) -> Result<deadpool_postgres::Object, crate::error::ApiError> {
+        self.projector.catch_up(user.as_str()).await?;
+        self.read().await
     }
 }

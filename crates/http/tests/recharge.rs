@@ -122,7 +122,7 @@ async fn an_idempotency_key_returns_the_same_recharge_and_one_session() {
     let events = app.event_count().await;
     app.post_recharge_keyed(&token, "key-1", json!({ "amount": 60 }))
         .await
-        .expect_error(409, "idempotency_key_reused");
+        .expect_error(409, "idempotency_conflict");
     assert_eq!(app.event_count().await, events);
 
     // Another key is another recharge; the key is per user.

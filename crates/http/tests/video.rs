@@ -144,15 +144,36 @@ async fn a_grsai_http_500_refunds_and_answers_502() {
 }
 
 #[tokio::test]
-async fn a_grsai_timeout_refunds_and_answers_502() {
+async fn a_grsai_timeout_keeps_the_task_charged_and_says_so() {
     let app = TestApp::spawn_with(&[("GRSAI_TIMEOUT", "300ms")]).await;
     let (u, token) = funded(&app, 20).await;
+    // Grsai takes the task, then its answer never comes in time.
     app.grsai()
-        .set_mode(GrsaiMode::Delay(Duration::from_millis(1500)));
+        .set_mode(GrsaiMode::TakeThenHang(Duration::from_millis(1500)));
     let started = std::time::Instant::now();
-    assert_refunded_after_provider_failure(&app, &token).await;
+    let r = app.generate(&token, json!({ "prompt": "a fox" })).await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(app.events_of(&u, "CreditsRefunded").await, 1);
+    r.expect(202);
+    assert_eq!(r.body["status"], "uncertain");
+    assert_eq!(r.body["credits"], 10);
+    let task_id = r.body["task_id"].as_str().unwrap().to_owned();
+    let task = app
+        .wait_for_task(&token, &task_id, |t| t["status"] == "uncertain")
+        .await;
+    assert_eq!(task["refunded"], false);
+    assert_eq!(app.events_of(&u, "CreditsRefunded").await, 0);
+    assert_eq!(app.events_of(&u, "VideoSubmissionUncertain").await, 1);
+}
+
+#[tokio::test]
+async fn a_gateway_time_out_is_unknown_too() {
+    let app = TestApp::spawn().await;
+    let (u, token) = funded(&app, 20).await;
+    app.grsai().set_mode(GrsaiMode::GatewayTimeout);
+    let r = app.generate(&token, json!({ "prompt": "a fox" })).await;
+    r.expect(202);
+    assert_eq!(r.body["status"], "uncertain");
+    assert_eq!(app.events_of(&u, "CreditsRefunded").await, 0);
 }
 
 #[tokio::test]
@@ -212,12 +233,18 @@ async fn a_failed_callback_refunds_exactly_once() {
 
     let events = app.event_count().await;
     assert_eq!(app.callback(&task_id, &failed).await, 200);
-    // A success after the failure changes nothing.
+    assert_eq!(app.event_count().await, events);
+    // A success after the refund is recorded (the user gets the video), once; the refund
+    // stands.
     let late = succeeded_result(&pid, "https://cdn.example/late.mp4");
     assert_eq!(app.callback(&task_id, &late).await, 200);
-    assert_eq!(app.event_count().await, events);
+    assert_eq!(app.callback(&task_id, &late).await, 200);
+    assert_eq!(app.event_count().await, events + 1);
+    assert_eq!(app.events_of(&u, "VideoDeliveredAfterRefund").await, 1);
     app.wait_projected().await;
-    assert_eq!(app.task(&token, &task_id).await.body["status"], "failed");
+    let task = app.task(&token, &task_id).await.body;
+    assert_eq!(task["status"], "failed");
+    assert_eq!(task["video_url"], "https://cdn.example/late.mp4");
     assert_eq!(app.stats(&token).await.i64("credits"), 10);
     assert_eq!(app.events_of(&u, "CreditsRefunded").await, 1);
 }

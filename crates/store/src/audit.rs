@@ -87,6 +87,8 @@ struct ExpectedRecord {
     position: i64,
     status: &'static str,
     credits: i64,
+    /// Credits clawed back, net of reinstatements (recharges only).
+    reversed: i64,
 }
 
 #[derive(Default)]
@@ -289,6 +291,7 @@ fn record_expectations(
                     position,
                     status: "pending",
                     credits: *credits,
+                    reversed: 0,
                 },
             );
         }
@@ -312,7 +315,26 @@ fn record_expectations(
             ..
         } => {
             totals.reversed += credits;
-            set_status(&mut expected.recharges, recharge_id, "reversed");
+            if let Some(r) = expected.recharges.get_mut(recharge_id) {
+                r.reversed += credits;
+                r.status = "reversed";
+            }
+        }
+        CreditEvent::RechargeReinstated {
+            recharge_id,
+            credits,
+            ..
+        } => {
+            // A reinstatement gives back what a reversal took: it counts against `reversed`.
+            totals.reversed -= credits;
+            if let Some(r) = expected.recharges.get_mut(recharge_id) {
+                r.reversed -= credits;
+                r.status = if r.reversed > 0 {
+                    "reversed"
+                } else {
+                    "completed"
+                };
+            }
         }
         CreditEvent::CreditsDeducted {
             task_id, credits, ..
@@ -325,6 +347,7 @@ fn record_expectations(
                     position,
                     status: "completed",
                     credits: *credits,
+                    reversed: 0,
                 },
             );
         }
@@ -336,6 +359,11 @@ fn record_expectations(
         }
         CreditEvent::CreditsAdjusted { credits, .. } => totals.granted += credits,
         CreditEvent::RechargeCheckoutCreated { .. }
+        | CreditEvent::PaymentRefunded { .. }
+        | CreditEvent::PaymentDisputed { .. }
+        | CreditEvent::VideoSubmissionUncertain { .. }
+        | CreditEvent::VideoProgressed { .. }
+        | CreditEvent::VideoDeliveredAfterRefund { .. }
         | CreditEvent::VideoTaskSubmitted { .. }
         | CreditEvent::VideoSucceeded { .. }
         | CreditEvent::VideoFailed { .. } => {}

@@ -26,6 +26,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_payment_id_index",
         include_str!("../../../migrations/0004_payment_id_index.sql"),
     ),
+    (
+        "0005_reversals_and_uncertain_tasks",
+        include_str!("../../../migrations/0005_reversals_and_uncertain_tasks.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

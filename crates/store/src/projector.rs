@@ -90,6 +90,75 @@ impl Projector {
         }
     }
 
+    /// Read-your-writes: brings one account's read tables up to its journal before a read, so
+    /// a user who was just answered sees what the answer said, on any process. Costs one
+    /// indexed lookup when the account is current (the usual case); otherwise it projects that
+    /// account's pending events now, under the same per-account checkpoint lock as the batch
+    /// projector, so nothing is applied twice whoever gets there first. Returns the events
+    /// applied.
+    pub async fn catch_up(&self, account: &str) -> anyhow::Result<u64> {
+        let mut client = self.pool.get().await.context("projector connection")?;
+        let behind: bool = client
+            .query_one(
+                "SELECT coalesce((SELECT max(sequence) FROM events
+                                   WHERE aggregate_type = $1 AND aggregate_id = $2), 0)
+                      > coalesce((SELECT last_sequence FROM users WHERE id = $2), 0)",
+                &[&CreditAccount::TYPE, &account],
+            )
+            .await?
+            .get(0);
+        if !behind {
+            return Ok(0);
+        }
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+            &[&account],
+        )
+        .await?;
+        tx.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&account])
+            .await?;
+        let rows = tx
+            .query(
+                "SELECT e.aggregate_id, e.sequence, e.payload, e.recorded_at
+                   FROM events e JOIN users u ON u.id = e.aggregate_id
+                  WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+                    AND e.sequence > u.last_sequence
+                  ORDER BY e.sequence",
+                &[&CreditAccount::TYPE, &account],
+            )
+            .await?;
+        let rows = rows
+            .into_iter()
+            .map(|r| {
+                let Json(event): Json<CreditEvent> = r.try_get(2)?;
+                Ok(Row {
+                    account: r.get(0),
+                    sequence: r.get(1),
+                    event,
+                    recorded_at: r.get(3),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("decoding journal events")?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        apply_rows(&tx, &rows).await?;
+        // Its outbox rows are done; rows a batch projector holds are left to it (it finds
+        // nothing past the checkpoint and deletes them).
+        tx.execute(
+            "DELETE FROM projection_outbox WHERE id IN (
+                 SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
+                  WHERE o.aggregate_id = $1 AND o.sequence <= u.last_sequence
+                    FOR UPDATE OF o SKIP LOCKED)",
+            &[&account],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
     /// Projects one batch; returns how many outbox rows it consumed.
     pub async fn run_batch(&self, interrupt: Option<Interrupt>) -> anyhow::Result<u64> {
         Ok(self.batch(interrupt).await?.0)
@@ -182,6 +251,9 @@ struct AccountUpdate {
     sequence: i64,
     credits: Option<i64>,
     at: DateTime<Utc>,
+    /// When the account's first event was recorded, if it is in this batch: the account's
+    /// `created_at`, so a rebuild reproduces it.
+    first_at: Option<DateTime<Utc>>,
 }
 
 async fn apply_rows(tx: &Transaction<'_>, rows: &[Row]) -> anyhow::Result<()> {
@@ -196,7 +268,11 @@ async fn apply_rows(tx: &Transaction<'_>, rows: &[Row]) -> anyhow::Result<()> {
                 sequence: row.sequence,
                 credits: None,
                 at: row.recorded_at,
+                first_at: None,
             });
+        if row.sequence == 1 {
+            update.first_at = Some(row.recorded_at);
+        }
         update.sequence = row.sequence;
         update.at = row.recorded_at;
         if let Some(balance) = row.event.balance_after() {
@@ -207,6 +283,7 @@ async fn apply_rows(tx: &Transaction<'_>, rows: &[Row]) -> anyhow::Result<()> {
     let sequences: Vec<i64> = updates.values().map(|u| u.sequence).collect();
     let credits: Vec<Option<i64>> = updates.values().map(|u| u.credits).collect();
     let ats: Vec<DateTime<Utc>> = updates.values().map(|u| u.at).collect();
+    let firsts: Vec<Option<DateTime<Utc>>> = updates.values().map(|u| u.first_at).collect();
 
     let mut prepared = Vec::with_capacity(statements.len());
     for (sql, _) in &statements {
@@ -224,11 +301,13 @@ async fn apply_rows(tx: &Transaction<'_>, rows: &[Row]) -> anyhow::Result<()> {
         "UPDATE users u
             SET last_sequence = v.seq,
                 credits = coalesce(v.credits, u.credits),
+                created_at = coalesce(v.first_at, u.created_at),
                 updated_at = v.at
-           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[])
-                AS v(id, seq, credits, at)
+           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[],
+                       $5::timestamptz[])
+                AS v(id, seq, credits, at, first_at)
           WHERE u.id = v.id",
-        &[&ids, &sequences, &credits, &ats],
+        &[&ids, &sequences, &credits, &ats, &firsts],
     )
     .await?;
     Ok(())
@@ -311,6 +390,48 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
               WHERE id = $1",
             vec![p(recharge_id.clone()), p(*credits)],
         )],
+        CreditEvent::RechargeReinstated {
+            recharge_id,
+            credits,
+            ..
+        } => vec![(
+            "UPDATE recharge_records
+                SET reversed_credits = reversed_credits - $2,
+                    status = CASE WHEN reversed_credits - $2 > 0 THEN 'reversed' ELSE 'completed' END
+              WHERE id = $1",
+            vec![p(recharge_id.clone()), p(*credits)],
+        )],
+        // Facts about the payment: the credits they move come as their own events.
+        CreditEvent::PaymentRefunded { .. } | CreditEvent::PaymentDisputed { .. } => Vec::new(),
+        CreditEvent::VideoProgressed { task_id, progress } => vec![(
+            "UPDATE video_tasks SET progress = $2, status = 'processing'
+              WHERE id = $1 AND status IN ('pending', 'uncertain', 'processing')",
+            vec![p(task_id.clone()), p(i32::from(*progress))],
+        )],
+        CreditEvent::VideoSubmissionUncertain {
+            task_id,
+            error_message,
+        } => vec![(
+            "UPDATE video_tasks SET status = 'uncertain', error_message = $2
+              WHERE id = $1 AND status = 'pending'",
+            vec![p(task_id.clone()), p(error_message.clone())],
+        )],
+        CreditEvent::VideoDeliveredAfterRefund {
+            task_id,
+            video_url,
+            remove_watermark,
+            pid,
+        } => vec![(
+            "UPDATE video_tasks SET delivered_after_refund = true, video_url = $2,
+                    remove_watermark = $3, pid = $4
+              WHERE id = $1",
+            vec![
+                p(task_id.clone()),
+                p(video_url.clone()),
+                p(*remove_watermark),
+                p(pid.clone()),
+            ],
+        )],
         CreditEvent::CreditsDeducted {
             task_id,
             credits,
@@ -355,7 +476,7 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
             provider_task_id,
         } => vec![(
             "UPDATE video_tasks SET provider_task_id = $2, status = 'processing'
-              WHERE id = $1 AND status IN ('pending', 'processing')",
+              WHERE id = $1 AND status IN ('pending', 'uncertain', 'processing')",
             vec![p(task_id.clone()), p(provider_task_id.clone())],
         )],
         CreditEvent::VideoSucceeded {

@@ -64,3 +64,176 @@ pub async fn projected_credits(client: &Client, account: &str) -> anyhow::Result
         .await?
         .map_or(0, |r| r.get(0)))
 }
+
+/// The outcome recorded for a Stripe event already handled, if it was.
+pub async fn stripe_event_outcome(
+    client: &Client,
+    event_id: &str,
+) -> anyhow::Result<Option<String>> {
+    Ok(client
+        .query_opt(
+            "SELECT outcome FROM stripe_events WHERE id = $1",
+            &[&event_id],
+        )
+        .await?
+        .map(|r| r.get("outcome")))
+}
+
+/// Records that a Stripe event was handled (the first record of an id stands).
+pub async fn record_stripe_event(
+    client: &Client,
+    event_id: &str,
+    event_type: &str,
+    outcome: &str,
+) -> anyhow::Result<()> {
+    client
+        .execute(
+            "INSERT INTO stripe_events (id, event_type, outcome) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO NOTHING",
+            &[&event_id, &event_type, &outcome],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The account a recharge belongs to, from the read table.
+pub async fn recharge_owner(client: &Client, recharge_id: &str) -> anyhow::Result<Option<String>> {
+    Ok(client
+        .query_opt(
+            "SELECT user_id FROM recharge_records WHERE id = $1",
+            &[&recharge_id],
+        )
+        .await?
+        .map(|r| r.get("user_id")))
+}
+
+/// A recharge found by the payment that completed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RechargeRef {
+    pub user_id: String,
+    pub recharge_id: String,
+}
+
+/// The recharge a provider payment (Stripe payment intent) paid for: from the read table,
+/// or, when the projection has not caught up, from the journal itself (indexed).
+pub async fn recharge_by_payment(
+    client: &Client,
+    payment_id: &str,
+) -> anyhow::Result<Option<RechargeRef>> {
+    let mut row = client
+        .query_opt(
+            "SELECT user_id, id AS recharge_id FROM recharge_records WHERE payment_id = $1 LIMIT 1",
+            &[&payment_id],
+        )
+        .await?;
+    if row.is_none() {
+        row = client
+            .query_opt(
+                "SELECT aggregate_id AS user_id,
+                        payload -> 'RechargeCompleted' ->> 'recharge_id' AS recharge_id
+                   FROM events
+                  WHERE event_type = 'RechargeCompleted'
+                    AND payload -> 'RechargeCompleted' ->> 'payment_id' = $1
+                  LIMIT 1",
+                &[&payment_id],
+            )
+            .await?;
+    }
+    Ok(row.map(|r| RechargeRef {
+        user_id: r.get("user_id"),
+        recharge_id: r.get("recharge_id"),
+    }))
+}
+
+/// A recharge the read table shows pending, for reconciliation. Candidates only: what to do
+/// is decided on the account's events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRecharge {
+    pub user_id: String,
+    pub recharge_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Recharges pending for more than `older_than_secs`, oldest first.
+pub async fn pending_recharges(
+    client: &Client,
+    older_than_secs: f64,
+    limit: i64,
+) -> anyhow::Result<Vec<PendingRecharge>> {
+    let rows = client
+        .query(
+            "SELECT user_id, id, created_at FROM recharge_records
+              WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
+              ORDER BY created_at LIMIT $2",
+            &[&older_than_secs, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PendingRecharge {
+            user_id: r.get("user_id"),
+            recharge_id: r.get("id"),
+            created_at: r.get("created_at"),
+        })
+        .collect())
+}
+
+/// Every recharge created since `since` that went to `provider`, for `reconcile`.
+pub async fn recharges_since(
+    client: &Client,
+    provider: &str,
+    since: Option<DateTime<Utc>>,
+) -> anyhow::Result<Vec<PendingRecharge>> {
+    let rows = client
+        .query(
+            "SELECT user_id, id, created_at FROM recharge_records
+              WHERE payment_method = $1 AND ($2::timestamptz IS NULL OR created_at >= $2)
+              ORDER BY created_at",
+            &[&provider, &since],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PendingRecharge {
+            user_id: r.get("user_id"),
+            recharge_id: r.get("id"),
+            created_at: r.get("created_at"),
+        })
+        .collect())
+}
+
+/// A task the read table shows unsettled, for the settlement job. Candidates only: what to
+/// do is decided on the account's events, never on this row (it may lag).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenTask {
+    pub user_id: String,
+    pub task_id: String,
+    /// Seconds since the task was charged (the deduction's journal time: never lags).
+    pub age_seconds: f64,
+}
+
+/// Tasks open for more than `older_than_secs`, oldest first.
+pub async fn open_tasks(
+    client: &Client,
+    older_than_secs: f64,
+    limit: i64,
+) -> anyhow::Result<Vec<OpenTask>> {
+    let rows = client
+        .query(
+            "SELECT user_id, id, extract(epoch FROM now() - created_at)::float8 AS age
+               FROM video_tasks
+              WHERE status IN ('pending', 'uncertain', 'processing')
+                AND created_at < now() - make_interval(secs => $1)
+              ORDER BY created_at LIMIT $2",
+            &[&older_than_secs, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| OpenTask {
+            user_id: r.get("user_id"),
+            task_id: r.get("id"),
+            age_seconds: r.get("age"),
+        })
+        .collect())
+}

@@ -5,7 +5,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use credit_domain::ports::{CheckoutRequest, CheckoutSession, PaymentProvider, ProviderError};
+use credit_domain::ports::{
+    CheckoutRequest, CheckoutSession, CheckoutStatus, PaymentProvider, ProviderError,
+};
 use secrecy::{ExposeSecret, SecretString};
 use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_checkout::checkout_session::{
@@ -70,6 +72,11 @@ pub enum StripeConfigError {
 #[derive(Debug, Clone)]
 pub struct StripeCheckout {
     client: stripe::Client,
+    /// Plain HTTP client for retrievals, where only a few fields of nested expanded objects
+    /// are read (the typed objects would need most of async-stripe's features compiled).
+    http: reqwest::Client,
+    api_base: String,
+    secret_key: SecretString,
 }
 
 impl StripeCheckout {
@@ -85,12 +92,21 @@ impl StripeCheckout {
             api_base.push('/');
         }
         let client = stripe::ClientBuilder::new(secret)
-            .url(api_base)
+            .url(api_base.clone())
             .timeout(config.timeout)
             .request_strategy(RequestStrategy::Once)
             .build()
             .map_err(|err| StripeConfigError::Invalid(err.to_string()))?;
-        Ok(Self { client })
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .build()
+            .map_err(|err| StripeConfigError::Invalid(err.to_string()))?;
+        Ok(Self {
+            client,
+            http,
+            api_base,
+            secret_key: config.secret_key,
+        })
     }
 }
 
@@ -133,6 +149,72 @@ impl PaymentProvider for StripeCheckout {
             session_id: created.id,
             url: created.url,
         })
+    }
+
+    #[tracing::instrument(name = "stripe.retrieve_checkout", skip_all, fields(stripe.session_id = %session_id))]
+    async fn retrieve_checkout(&self, session_id: &str) -> Result<CheckoutStatus, ProviderError> {
+        if session_id.is_empty()
+            || !session_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(ProviderError::Rejected("not a checkout session id".into()));
+        }
+        let url = format!("{}v1/checkout/sessions/{session_id}", self.api_base);
+        let response = self
+            .http
+            .get(url)
+            .query(&[("expand[]", "payment_intent.latest_charge")])
+            .bearer_auth(self.secret_key.expose_secret())
+            .send()
+            .await
+            .map_err(|e| ProviderError::Unavailable(format!("could not reach stripe: {e}")))?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.map_err(|e| {
+            ProviderError::Unavailable(format!("unreadable answer from stripe: {e}"))
+        })?;
+        if status.is_client_error() {
+            let message = body["error"]["message"].as_str().unwrap_or("no message");
+            return Err(ProviderError::Rejected(format!(
+                "stripe answered {status}: {message}"
+            )));
+        }
+        if !status.is_success() {
+            return Err(ProviderError::Unavailable(format!(
+                "stripe answered {status}"
+            )));
+        }
+        Ok(checkout_status(&body))
+    }
+}
+
+/// Reads the fields reconciliation needs from a retrieved session, whether its payment intent
+/// (and the intent's latest charge) came expanded or as an id.
+pub fn checkout_status(session: &serde_json::Value) -> CheckoutStatus {
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+    let intent = &session["payment_intent"];
+    let (payment_intent, intent_status, charge) = match intent {
+        serde_json::Value::String(id) => (Some(id.clone()), None, &serde_json::Value::Null),
+        serde_json::Value::Object(_) => (
+            text(&intent["id"]),
+            text(&intent["status"]),
+            &intent["latest_charge"],
+        ),
+        _ => (None, None, &serde_json::Value::Null),
+    };
+    CheckoutStatus {
+        session_id: text(&session["id"]).unwrap_or_default(),
+        status: text(&session["status"]).unwrap_or_default(),
+        payment_status: text(&session["payment_status"]).unwrap_or_default(),
+        amount_total: session["amount_total"].as_i64(),
+        currency: text(&session["currency"]),
+        payment_intent,
+        payment_failed: matches!(
+            intent_status.as_deref(),
+            Some("canceled" | "requires_payment_method")
+        ) && session["payment_status"] != "paid",
+        amount_refunded: charge["amount_refunded"].as_i64().unwrap_or(0),
+        disputed: charge["disputed"].as_bool().unwrap_or(false),
     }
 }
 

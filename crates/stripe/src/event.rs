@@ -16,6 +16,10 @@ pub mod event_types {
     pub const CHECKOUT_SESSION_EXPIRED: &str = "checkout.session.expired";
     pub const CHARGE_REFUNDED: &str = "charge.refunded";
     pub const CHARGE_DISPUTE_CREATED: &str = "charge.dispute.created";
+    pub const CHARGE_DISPUTE_UPDATED: &str = "charge.dispute.updated";
+    pub const CHARGE_DISPUTE_FUNDS_WITHDRAWN: &str = "charge.dispute.funds_withdrawn";
+    pub const CHARGE_DISPUTE_FUNDS_REINSTATED: &str = "charge.dispute.funds_reinstated";
+    pub const CHARGE_DISPUTE_CLOSED: &str = "charge.dispute.closed";
 }
 
 /// One webhook delivery, reduced to what the service needs.
@@ -38,8 +42,9 @@ pub enum EventData {
     CheckoutSession(SessionInfo),
     /// `charge.refunded` (full or partial: compare `amount_refunded` with `amount`).
     ChargeRefunded(ChargeInfo),
-    /// `charge.dispute.created`.
-    DisputeCreated(DisputeInfo),
+    /// `charge.dispute.created`, `.updated`, `.funds_withdrawn`, `.funds_reinstated`,
+    /// `.closed`; which one is in [`WebhookEvent::event_type`].
+    Dispute(DisputeInfo),
     /// Any other event type; acknowledged and ignored.
     Other,
 }
@@ -77,7 +82,7 @@ pub struct ChargeInfo {
     pub metadata: HashMap<String, String>,
 }
 
-/// A dispute as carried by `charge.dispute.created`.
+/// A dispute as carried by `charge.dispute.*` events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DisputeInfo {
     /// `dp_...`
@@ -85,9 +90,12 @@ pub struct DisputeInfo {
     /// `ch_...` of the disputed charge.
     pub charge_id: String,
     pub payment_intent: Option<String>,
-    /// Disputed amount.
+    /// Disputed amount (on its own, not cumulative with refunds).
     pub amount: i64,
     pub currency: String,
+    /// `warning_needs_response`, `warning_under_review`, `warning_closed`,
+    /// `needs_response`, `under_review`, `won`, `lost`, `prevented`.
+    pub status: String,
 }
 
 /// The body is not a Stripe event we can read.
@@ -134,8 +142,12 @@ pub fn parse_event(payload: &[u8]) -> Result<WebhookEvent, ParseError> {
         CHARGE_REFUNDED => {
             EventData::ChargeRefunded(ChargeObject::deserialize(object).map_err(invalid)?.into())
         }
-        CHARGE_DISPUTE_CREATED => {
-            EventData::DisputeCreated(DisputeObject::deserialize(object).map_err(invalid)?.into())
+        CHARGE_DISPUTE_CREATED
+        | CHARGE_DISPUTE_UPDATED
+        | CHARGE_DISPUTE_FUNDS_WITHDRAWN
+        | CHARGE_DISPUTE_FUNDS_REINSTATED
+        | CHARGE_DISPUTE_CLOSED => {
+            EventData::Dispute(DisputeObject::deserialize(object).map_err(invalid)?.into())
         }
         _ => EventData::Other,
     };
@@ -246,6 +258,8 @@ struct DisputeObject {
     payment_intent: Option<Expandable>,
     amount: i64,
     currency: String,
+    #[serde(default)]
+    status: String,
 }
 
 impl From<DisputeObject> for DisputeInfo {
@@ -256,6 +270,7 @@ impl From<DisputeObject> for DisputeInfo {
             payment_intent: d.payment_intent.map(Expandable::into_id),
             amount: d.amount,
             currency: d.currency,
+            status: d.status,
         }
     }
 }
@@ -410,18 +425,19 @@ mod tests {
         let parsed = parse(&event("evt_7", "charge.dispute.created", dispute.clone()));
         assert_eq!(
             parsed.data,
-            EventData::DisputeCreated(DisputeInfo {
+            EventData::Dispute(DisputeInfo {
                 dispute_id: "dp_1Pgc71B7WZ01zgkWMevJiAUx".into(),
                 charge_id: "ch_1PgafuB7WZ01zgkWXYmPNZs8".into(),
                 payment_intent: Some("pi_9".into()),
                 amount: 1000,
                 currency: "usd".into(),
+                status: "warning_needs_response".into(),
             })
         );
 
         dispute["charge"] = fixture(CHARGE);
         let parsed = parse(&event("evt_8", "charge.dispute.created", dispute));
-        let EventData::DisputeCreated(info) = parsed.data else {
+        let EventData::Dispute(info) = parsed.data else {
             panic!("not a dispute: {parsed:?}");
         };
         assert_eq!(info.charge_id, "ch_1PgafuB7WZ01zgkWXYmPNZs8");

@@ -9,11 +9,15 @@
 
 mod checkout;
 mod event;
+mod ledger;
 mod signature;
 
-pub use checkout::{StripeCheckout, StripeConfig, StripeConfigError, DEFAULT_API_BASE};
+pub use checkout::{
+    checkout_status, StripeCheckout, StripeConfig, StripeConfigError, DEFAULT_API_BASE,
+};
 pub use event::{
     event_types, parse_event, ChargeInfo, DisputeInfo, EventData, ParseError, SessionInfo,
     WebhookEvent,
 };
+pub use ledger::{dispute_stage, ledger_action, LedgerAction};
 pub use signature::{verify_signature, SignatureError, DEFAULT_TOLERANCE_SECS, SIGNATURE_HEADER};

@@ -136,7 +136,7 @@ fn refund_and_dispute_deliveries_parse() {
 
     let event = dispute_created_event("evt_5", "dp_1", "ch_1", Some("pi_1"), 1000, "cny");
     let parsed = parse_event(event.to_string().as_bytes()).expect("parses");
-    let EventData::DisputeCreated(dispute) = parsed.data else {
+    let EventData::Dispute(dispute) = parsed.data else {
         panic!("not a dispute: {parsed:?}");
     };
     assert_eq!(dispute.dispute_id, "dp_1");

@@ -46,6 +46,12 @@ pub enum Mode {
     /// Waits this long, then answers as in [`Mode::Success`]: longer than the client's
     /// time-out, it simulates a hung Grsai.
     Delay(Duration),
+    /// Takes the task (it exists and can be polled at once), then waits this long before
+    /// answering: longer than the client's time-out, the caller never learns the id.
+    TakeThenHang(Duration),
+    /// HTTP 504 with an empty body, as a gateway in front of Grsai answers: the outcome is
+    /// unknown.
+    GatewayTimeout,
 }
 
 impl Mode {
@@ -227,8 +233,11 @@ async fn prelude(state: &State, req: &HttpRequest, body: &[u8]) -> (Option<HttpR
 
     let mode = lock(&state.mode).clone();
     match mode {
-        Mode::Success => {}
+        Mode::Success | Mode::TakeThenHang(_) => {}
         Mode::Delay(delay) => tokio::time::sleep(delay).await,
+        Mode::GatewayTimeout => {
+            return (Some(HttpResponse::GatewayTimeout().finish()), json);
+        }
         Mode::ServerError => {
             return (
                 Some(
@@ -287,6 +296,10 @@ async fn create(state: web::Data<State>, req: HttpRequest, body: web::Bytes) -> 
     lock(&state.polls)
         .entry(id.clone())
         .or_insert_with(|| PollAnswer::Found(running_result(&id, 0)));
+    let mode = lock(&state.mode).clone();
+    if let Mode::TakeThenHang(delay) = mode {
+        tokio::time::sleep(delay).await;
+    }
     envelope(0, "success", json!({ "id": id }))
 }
 

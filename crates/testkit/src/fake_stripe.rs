@@ -195,6 +195,46 @@ impl FakeStripe {
         lock(&self.state.sessions).get(id).cloned()
     }
 
+    /// Changes a session created here, as Stripe would after the customer acts: paid
+    /// (`complete`/`paid` with a payment intent), expired, refunded or disputed. Returns
+    /// whether the session exists.
+    pub fn update_session(&self, id: &str, change: impl FnOnce(&mut Value)) -> bool {
+        match lock(&self.state.sessions).get_mut(id) {
+            Some(session) => {
+                change(session);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The id of the session created for `recharge_id` (its `client_reference_id`).
+    pub fn session_for(&self, recharge_id: &str) -> Option<String> {
+        lock(&self.state.sessions)
+            .iter()
+            .find(|(_, s)| s["client_reference_id"] == recharge_id)
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Marks a session paid, with payment intent `pi` and its charge (nothing refunded).
+    pub fn pay_session(&self, id: &str, pi: &str) -> bool {
+        self.update_session(id, |s| {
+            s["status"] = json!("complete");
+            s["payment_status"] = json!("paid");
+            s["payment_intent"] = json!({
+                "id": pi,
+                "object": "payment_intent",
+                "status": "succeeded",
+                "latest_charge": {
+                    "id": format!("ch_{pi}"),
+                    "object": "charge",
+                    "amount_refunded": 0,
+                    "disputed": false,
+                },
+            });
+        })
+    }
+
     /// How many distinct sessions were created.
     pub fn session_count(&self) -> usize {
         lock(&self.state.sessions).len()

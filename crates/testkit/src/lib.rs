@@ -5,3 +5,4 @@ pub mod db;
 pub mod fake_grsai;
 pub mod fake_jwks;
 pub mod fake_stripe;
+pub mod stripe_story;

@@ -105,6 +105,12 @@ pub async fn adjust(
             credit_domain::LedgerError::AdjustmentExists { .. },
         )) => {
             let (account, _) = state.ledger.load(&user).await?;
+            let fingerprint = credit_domain::adjustment_fingerprint(body.credits, reason);
+            if let Some(Some(known)) = account.adjustment(&adjustment_id) {
+                if known != fingerprint {
+                    return Err(crate::error::idempotency_conflict());
+                }
+            }
             return Ok(HttpResponse::Ok().json(json!({
                 "adjustment_id": adjustment_id,
                 "user_id": user.as_str(),

@@ -7,8 +7,6 @@ mod recharge;
 mod stripe_webhook;
 mod video;
 
-pub use video::settle;
-
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -64,12 +62,15 @@ async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError
 }
 
 async fn stats(state: web::Data<AppState>, user: AuthUser) -> Result<HttpResponse, ApiError> {
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let credits = credit_store::queries::projected_credits(&client, user.0.as_str()).await?;
     let c = &state.config;
     Ok(HttpResponse::Ok().json(json!({
         "user_id": user.0.as_str(),
         "credits": credits,
+        // Below zero only when a spent recharge was refunded or disputed; spending is
+        // refused until a recharge repays it.
+        "in_debt": credits < 0,
         "video_cost": c.pricing.video_cost_credits,
         "credits_per_yuan": c.pricing.credits_per_yuan,
         "currency": c.pricing.currency,

@@ -126,11 +126,7 @@ pub async fn create(
         ));
     };
     if replay && recharge.amount_fen != amount_fen {
-        return Err(ApiError::new(
-            actix_web::http::StatusCode::CONFLICT,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used for a different amount",
-        ));
+        return Err(crate::error::idempotency_conflict());
     }
     if recharge.status != RechargeStatus::Pending || recharge.checkout_url.is_some() {
         let status = if replay {
@@ -249,7 +245,7 @@ pub async fn list(
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
     let (limit, at, id) = page.keyset()?;
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let rows = client
         .query(
             "SELECT id, amount_fen, credits, payment_method, payment_id, status, created_at,

@@ -3,9 +3,7 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
-use credit_domain::ports::{ProviderStatus, VideoRequest, VideoResult};
-use credit_domain::{CreditAccount, CreditCommand, LedgerError, TaskStatus, UserId, VideoSpec};
-use credit_store::ExecuteError;
+use credit_domain::{CreditAccount, TaskStatus, UserId, VideoSpec};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -14,6 +12,7 @@ use super::recharge::{metadata, new_id};
 use super::{page_of, Page};
 use crate::auth::{constant_time_eq, AuthUser};
 use crate::error::ApiError;
+use crate::flows::{self, video::GenerateOutcome};
 use crate::state::AppState;
 
 pub const MODEL: &str = "sora-2";
@@ -103,101 +102,47 @@ pub async fn generate(
     let video = body.into_inner().validate()?;
     let task_id = new_id(&req, "vid", &user)?;
     let token = random_token();
-    let cost = state.config.pricing.video_cost_credits;
-    let meta = metadata(&req);
-
-    let charged = state
-        .ledger
-        .execute(
-            &user,
-            CreditCommand::DeductForTask {
-                task_id: task_id.clone(),
-                credits: cost,
-                description: format!("Sora 2 video ({}s, {})", video.duration, video.aspect_ratio),
-                video: video.clone(),
-                callback_token_sha256: sha256_hex(&token),
-            },
-            meta.clone(),
+    let outcome = flows::video::generate(
+        &state,
+        flows::video::Generate {
+            user,
+            task_id: task_id.clone(),
+            video,
+            callback_token_sha256: sha256_hex(&token),
+            callback_token: token,
+            metadata: metadata(&req),
+        },
+    )
+    .await?;
+    match outcome {
+        GenerateOutcome::Submitted {
+            credits_charged,
+            balance,
+        } => Ok(HttpResponse::Accepted().json(json!({
+            "task_id": task_id,
+            "status": "processing",
+            "credits_charged": credits_charged,
+            "credits": balance,
+        }))),
+        GenerateOutcome::Uncertain {
+            credits_charged,
+            balance,
+        } => Ok(HttpResponse::Accepted().json(json!({
+            "task_id": task_id,
+            "status": "uncertain",
+            "credits_charged": credits_charged,
+            "credits": balance,
+            "message": "the video provider did not answer in time; the task may still run. \
+                        It settles by the provider's callback, or is refunded if the provider never took it",
+        }))),
+        GenerateOutcome::Refunded { balance } => Err(ApiError::provider(
+            "the video provider refused the task; your credits were refunded",
         )
-        .await;
-    let charged = match charged {
-        Ok(done) => done,
-        // A retry with the same Idempotency-Key: the task exists, answer with it.
-        Err(ExecuteError::Rejected(LedgerError::TaskAlreadyCharged { .. })) => {
-            let (account, _) = state.ledger.load(&user).await?;
-            return Ok(HttpResponse::Accepted().json(task_answer(&account, &task_id)));
-        }
-        Err(e) => return Err(e.into()),
-    };
-
-    let callback_url = format!(
-        "{}/api/video/callback?account={}&task={}&token={}",
-        state.config.public_base_url,
-        urlencode(user.as_str()),
-        task_id,
-        token
-    );
-    let submitted = state
-        .video
-        .submit(&VideoRequest {
-            prompt: video.prompt.clone(),
-            aspect_ratio: video.aspect_ratio.clone(),
-            duration: video.duration,
-            size: video.size.clone(),
-            image_url: video.reference_url.clone(),
-            callback_url,
-        })
-        .await;
-    match submitted {
-        Ok(provider_task_id) => {
-            let marked = state
-                .ledger
-                .execute(
-                    &user,
-                    CreditCommand::MarkTaskSubmitted {
-                        task_id: task_id.clone(),
-                        provider_task_id,
-                    },
-                    meta,
-                )
-                .await;
-            match marked {
-                // A very fast callback may have settled the task already: fine.
-                Ok(_) | Err(ExecuteError::Rejected(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-            Ok(HttpResponse::Accepted().json(json!({
-                "task_id": task_id,
-                "status": "processing",
-                "credits_charged": cost,
-                "credits": charged.balance,
-            })))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, task.id = %task_id, "video submission failed, refunding");
-            let refunded = state
-                .ledger
-                .execute(
-                    &user,
-                    CreditCommand::FailVideo {
-                        task_id: task_id.clone(),
-                        failure_reason: "provider_error".to_owned(),
-                        error_message: e.to_string(),
-                    },
-                    meta,
-                )
-                .await;
-            let balance = match refunded {
-                Ok(done) => done.balance,
-                Err(ExecuteError::Rejected(_)) => state.ledger.load(&user).await?.0.balance(),
-                Err(e) => return Err(e.into()),
-            };
-            Err(
-                ApiError::provider("the video provider failed; your credits were refunded")
-                    .with("refunded", true)
-                    .with("task_id", task_id)
-                    .with("credits", balance),
-            )
+        .with("refunded", true)
+        .with("task_id", task_id)
+        .with("credits", balance)),
+        GenerateOutcome::Replayed(account) => {
+            Ok(HttpResponse::Accepted().json(task_answer(&account, &task_id)))
         }
     }
 }
@@ -207,6 +152,7 @@ fn task_answer(account: &CreditAccount, task_id: &str) -> serde_json::Value {
     let status = match task.map(|t| t.status) {
         Some(TaskStatus::Succeeded) => "succeeded",
         Some(TaskStatus::Failed) => "failed",
+        Some(TaskStatus::Uncertain) => "uncertain",
         _ => "processing",
     };
     json!({
@@ -216,15 +162,6 @@ fn task_answer(account: &CreditAccount, task_id: &str) -> serde_json::Value {
         "refunded": task.is_some_and(|t| t.refunded),
         "credits": account.balance(),
     })
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[derive(Deserialize)]
@@ -262,70 +199,8 @@ pub async fn callback(
     let body = crate::body::read_limited(payload, 64 * 1024).await?;
     let result = credit_grsai::parse_result(&body)
         .map_err(|e| ApiError::bad_request("invalid_payload", e.to_string()))?;
-    if let Some(known) = &task.provider_task_id {
-        if known != &result.provider_task_id {
-            tracing::warn!(task.id = %task_id, "callback for another provider task id; ignored");
-            return Ok(HttpResponse::Ok()
-                .json(json!({ "received": true, "outcome": "ignored_mismatched_id" })));
-        }
-    }
-    let outcome = settle(&state, &user, task_id, &result).await?;
+    let outcome = flows::video::apply_result(&state, &user, task_id, &result).await?;
     Ok(HttpResponse::Ok().json(json!({ "received": true, "outcome": outcome })))
-}
-
-/// Applies a provider result to a task (callback and settlement job alike).
-pub async fn settle(
-    state: &AppState,
-    user: &UserId,
-    task_id: &str,
-    result: &VideoResult,
-) -> Result<&'static str, ApiError> {
-    let command = match result.status {
-        ProviderStatus::Running => {
-            let client = state.read().await?;
-            client
-                .execute(
-                    "UPDATE video_tasks SET progress = $2, status = 'processing'
-                      WHERE id = $1 AND status IN ('pending', 'processing')",
-                    &[&task_id, &i32::from(result.progress.min(99))],
-                )
-                .await?;
-            return Ok("progress");
-        }
-        ProviderStatus::Succeeded => match &result.video_url {
-            Some(url) => CreditCommand::RecordVideoSuccess {
-                task_id: task_id.to_owned(),
-                video_url: url.clone(),
-                remove_watermark: result.remove_watermark,
-                pid: result.pid.clone(),
-            },
-            // "Succeeded" without a video is no video: treat as a failure, refund.
-            None => CreditCommand::FailVideo {
-                task_id: task_id.to_owned(),
-                failure_reason: "error".to_owned(),
-                error_message: "provider reported success without a video URL".to_owned(),
-            },
-        },
-        ProviderStatus::Failed => CreditCommand::FailVideo {
-            task_id: task_id.to_owned(),
-            failure_reason: result
-                .failure_reason
-                .clone()
-                .unwrap_or_else(|| "error".to_owned()),
-            error_message: result.error.clone().unwrap_or_default(),
-        },
-    };
-    match state
-        .ledger
-        .execute(user, command, Default::default())
-        .await
-    {
-        Ok(_) => Ok("applied"),
-        Err(ExecuteError::Rejected(LedgerError::TaskAlreadySettled { .. })) => {
-            Ok("already_settled")
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 const TASK_COLUMNS: &str =
@@ -358,7 +233,7 @@ pub async fn list(
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
     let (limit, at, id) = page.keyset()?;
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let rows = client
         .query(
             &format!(
@@ -381,7 +256,7 @@ pub async fn get(
     user: AuthUser,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let row = client
         .query_opt(
             &format!("SELECT {TASK_COLUMNS} FROM video_tasks WHERE id = $1 AND user_id = $2"),
@@ -400,7 +275,7 @@ pub async fn consumption(
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
     let (limit, at, id) = page.keyset()?;
-    let client = state.read().await?;
+    let client = state.read_own(&user.0).await?;
     let rows = client
         .query(
             "SELECT id, video_task_id, credits, description, status, created_at, refunded_at

@@ -136,6 +136,20 @@ where
 
 type Stopper = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
+/// Builds and spawns one process of the service; returns its port and how to stop it.
+async fn launch(env: &HashMap<String, String>) -> (u16, Stopper, credit_http::Readiness) {
+    let config = Config::from_lookup(|k| env.get(k).cloned())
+        .unwrap_or_else(|e| panic!("test configuration refused: {e}"));
+    let app = Application::build(config)
+        .await
+        .unwrap_or_else(|e| panic!("application failed to build: {e:#}"));
+    let port = app.port();
+    let running = app.spawn();
+    let readiness = running.readiness.clone();
+    let stopper: Stopper = Box::new(move || Box::pin(running.stop()));
+    (port, stopper, readiness)
+}
+
 /// Which outside world the application sees.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -156,6 +170,27 @@ pub struct TestApp {
     /// Turns `/readyz` to 503 as SIGTERM does.
     pub readiness: credit_http::Readiness,
     pub db: TestDb,
+    /// The configuration it was started with, for a second process on the same database.
+    env: HashMap<String, String>,
+}
+
+/// Another process of the service on the same database, as a second replica behind a load
+/// balancer would be.
+pub struct Replica {
+    pub base: String,
+    stopper: Option<Stopper>,
+}
+
+impl Replica {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stopper.take() {
+            stop().await;
+        }
+    }
 }
 
 impl TestApp {
@@ -210,15 +245,7 @@ impl TestApp {
         for (k, v) in vars {
             set(k, v);
         }
-        let config = Config::from_lookup(|k| env.get(k).cloned())
-            .unwrap_or_else(|e| panic!("test configuration refused: {e}"));
-        let app = Application::build(config)
-            .await
-            .unwrap_or_else(|e| panic!("application failed to build: {e:#}"));
-        let port = app.port();
-        let running = app.spawn();
-        let readiness = running.readiness.clone();
-        let stopper: Stopper = Box::new(move || Box::pin(running.stop()));
+        let (port, stopper, readiness) = launch(&env).await;
         Self {
             base: format!("http://127.0.0.1:{port}"),
             port,
@@ -228,6 +255,16 @@ impl TestApp {
             stopper: Some(stopper),
             readiness,
             db,
+            env,
+        }
+    }
+
+    /// A second process of the service on this database, same configuration.
+    pub async fn replica(&self) -> Replica {
+        let (port, stopper, _) = launch(&self.env).await;
+        Replica {
+            base: format!("http://127.0.0.1:{port}"),
+            stopper: Some(stopper),
         }
     }
 
