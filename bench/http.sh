@@ -24,8 +24,12 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 50); do [ -s "$out/fake-grsai.url" ] && break; sleep 0.1; done
 
+# Every credential is set (a partly configured service refuses to start). The benchmark makes
+# no recharge, so Stripe's API base points at a closed local port.
 DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db?sslmode=disable" LISTEN_ADDR="127.0.0.1:$port" \
 AUTH_JWT_SECRET="$secret" ADMIN_TOKEN="$admin" GRSAI_API_KEY=bench-key \
+STRIPE_SECRET_KEY=sk_test_bench STRIPE_WEBHOOK_SECRET=whsec_bench STRIPE_API_BASE=http://127.0.0.1:9 \
+RATE_LIMIT_GENERATE=off RATE_LIMIT_RECHARGE=off \
 GRSAI_API_BASE="$(cat "$out/fake-grsai.url")" RUST_LOG=warn \
   target/release/credit-ledger serve > "$out/service.log" 2>&1 &
 svc_pid=$!

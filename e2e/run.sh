@@ -65,11 +65,11 @@ echo "e2e: starting $bin serve on $base_url (database $db, log $out/service.log)
 (
   cd "$workdir"
   exec env -u STRIPE_SECRET_KEY -u STRIPE_WEBHOOK_SECRET -u GRSAI_API_KEY -u AUTH_JWT_SECRET -u AUTH_JWT_AUDIENCE \
+    -u AUTH_JWKS_URL -u ADMIN_TOKEN \
     -u CURRENCY -u CREDITS_PER_YUAN -u VIDEO_COST_CREDITS -u RECHARGE_MIN_YUAN -u RECHARGE_MAX_YUAN \
     LISTEN_ADDR="127.0.0.1:$port" \
     PUBLIC_BASE_URL="$base_url" \
     DATABASE_URL="postgres://$pg_user@$pg_host:5432/$db" \
-    ADMIN_TOKEN="e2e-admin-token" \
     RUST_LOG="${RUST_LOG:-info}" \
     "$bin" serve
 ) >"$out/service.log" 2>&1 &
@@ -94,8 +94,15 @@ if [ -z "$ready" ]; then
   exit 1
 fi
 
+# Demo mode makes its admin token per process and prints it in the log.
+admin_token="$(sed -n 's/.*DEMO MODE: admin token \([0-9a-f]\{64\}\).*/\1/p' "$out/service.log" | head -n 1)"
+if [ -z "$admin_token" ]; then
+  echo "e2e: no demo admin token in the service log" >&2
+  exit 1
+fi
+
 set +e
-BASE_URL="$base_url" ADMIN_TOKEN="e2e-admin-token" SCREENSHOT_DIR="$out" node "$here/test.mjs"
+BASE_URL="$base_url" ADMIN_TOKEN="$admin_token" SCREENSHOT_DIR="$out" node "$here/test.mjs"
 result=$?
 set -e
 if [ "$result" -ne 0 ]; then

@@ -49,7 +49,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reconcile::run(&url, &pool, since, json).await
         }
         Command::Serve => {
-            serve::serve().await?;
+            serve::serve(url).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

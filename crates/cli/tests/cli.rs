@@ -282,6 +282,174 @@ async fn tools_refuse_an_unmigrated_database() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("credit-ledger migrate"));
 }
 
+/// `serve` with `args`, the environment cleared of every credential and `env` added.
+fn serve_command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args).env("RUST_LOG", "warn").kill_on_drop(true);
+    for var in [
+        "AUTH_JWT_SECRET",
+        "AUTH_JWKS_URL",
+        "STRIPE_SECRET_KEY",
+        "STRIPE_WEBHOOK_SECRET",
+        "GRSAI_API_KEY",
+        "ADMIN_TOKEN",
+        "DATABASE_URL",
+        "LISTEN_ADDR",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+#[tokio::test]
+async fn serve_refuses_a_partial_configuration_naming_each_missing_variable() {
+    let out = serve_command(
+        &["serve"],
+        &[
+            ("STRIPE_SECRET_KEY", "sk_test_x"),
+            ("LISTEN_ADDR", "127.0.0.1:0"),
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for missing in [
+        "AUTH_JWT_SECRET or AUTH_JWKS_URL",
+        "STRIPE_WEBHOOK_SECRET",
+        "GRSAI_API_KEY",
+        "ADMIN_TOKEN",
+    ] {
+        assert!(err.contains(missing), "{missing} not named: {err}");
+    }
+}
+
+#[tokio::test]
+async fn serve_honours_the_global_database_url() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    // DATABASE_URL names something unusable: only the flag can make this start.
+    let mut child = serve_command(
+        &["--database-url", &db.url, "serve"],
+        &[
+            ("DATABASE_URL", "mysql://nowhere"),
+            ("LISTEN_ADDR", &listen),
+            ("LOG_FORMAT", "json"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(&listen).await.is_ok() {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited with {status} instead of using --database-url");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "serve never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    // LOG_FORMAT=json: every line is one JSON object.
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("credit-ledger listening")),
+        "{log}"
+    );
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_log_format_stops_the_start() {
+    let out = serve_command(&["serve"], &[("LOG_FORMAT", "yaml")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LOG_FORMAT"));
+}
+
+#[tokio::test]
+async fn sigterm_makes_readiness_fail_first_then_drains_and_exits() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let base = format!("http://{listen}");
+    let mut child = serve_command(
+        &["--database-url", &db.url, "serve"],
+        &[("LISTEN_ADDR", &listen), ("SHUTDOWN_DELAY", "2s")],
+    )
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let http = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move { http.get(url).send().await.ok().map(|r| r.status().as_u16()) }
+    };
+    let started = std::time::Instant::now();
+    while status("/readyz").await != Some(200) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let pid = child.id().unwrap().to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    // During SHUTDOWN_DELAY: not ready, still alive and serving.
+    let started = std::time::Instant::now();
+    while status("/readyz").await != Some(503) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(1500),
+            "readiness did not turn 503 after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status("/healthz").await, Some(200));
+    // Then it drains and exits cleanly.
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .expect("serve did not exit after SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+}
+
 /// `reconcile` against the fake Stripe: a paid session the ledger never credited, and a
 /// refund the ledger never heard of, are listed (exit 1); agreeing recharges are not.
 #[tokio::test]

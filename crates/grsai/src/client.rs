@@ -129,9 +129,36 @@ impl GrsaiClient {
         })
     }
 
+    /// [`Self::call_unmetered`], counted and timed: `grsai_calls_total{endpoint, outcome}`
+    /// and `grsai_call_duration_seconds{endpoint}`.
+    async fn call(&self, url: &Url, body: &impl Serialize) -> Result<Envelope, ProviderError> {
+        let started = std::time::Instant::now();
+        let result = self.call_unmetered(url, body).await;
+        let outcome = match &result {
+            Ok(envelope) if envelope.code == CODE_OK => "ok".to_owned(),
+            Ok(_) => "error_code".to_owned(),
+            // The variant's name (`Rejected`, `Unavailable`, ...), lower-cased.
+            Err(e) => format!("{e:?}")
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+        };
+        let endpoint = url.path().to_owned();
+        metrics::counter!("grsai_calls_total", "endpoint" => endpoint.clone(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("grsai_call_duration_seconds", "endpoint" => endpoint)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
     /// POSTs `body` as JSON and reads Grsai's `{code, msg, data}` envelope, mapping every
     /// failure before the envelope to a [`ProviderError`].
-    async fn call(&self, url: &Url, body: &impl Serialize) -> Result<Envelope, ProviderError> {
+    async fn call_unmetered(
+        &self,
+        url: &Url,
+        body: &impl Serialize,
+    ) -> Result<Envelope, ProviderError> {
         let endpoint = url.path();
         let response = self
             .http

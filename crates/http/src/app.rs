@@ -16,10 +16,12 @@ use tokio::task::JoinHandle;
 use crate::auth::JwtKeys;
 use crate::config::Config;
 use crate::error::{json_error, path_error, query_error};
+use crate::health::Readiness;
 use crate::state::AppState;
 
 pub struct Application {
     port: u16,
+    readiness: Readiness,
     server: Server,
     state: web::Data<AppState>,
     shutdown: watch::Sender<bool>,
@@ -27,9 +29,25 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(mut config: Config) -> anyhow::Result<Self> {
         for feature in config.demo_features() {
             tracing::warn!("DEMO MODE: {feature}");
+        }
+        if config.is_demo() {
+            // The auditor's pages are part of the demo. Like the demo sign-in secret, this
+            // token is made per process and dies with it; it is no real credential, so it
+            // may be shown (it is the only way to learn it).
+            let token = crate::auth::random_secret();
+            tracing::warn!("DEMO MODE: admin token {token} (per process; ADMIN_TOKEN unset)");
+            config.admin_token = Some(secrecy::SecretString::from(token));
+        }
+        crate::metrics::install();
+        if config.database_url.contains(":6543/") {
+            tracing::warn!(
+                "DATABASE_URL names port 6543, Supabase's transaction-mode pooler: prepared \
+                 statements, the migrations' advisory lock and LISTEN/NOTIFY do not work \
+                 through it; use the direct connection or the session pooler (port 5432)"
+            );
         }
         let mut db_config = DbConfig::new(config.database_url.clone());
         db_config.write_connections = config.write_connections;
@@ -61,18 +79,17 @@ impl Application {
                 credit_grsai::SimulatedVideoProvider::new().with_delay(config.demo_video_delay),
             ),
         };
-        let (jwt, demo_auth) = match &config.jwt_secret {
-            Some(secret) => (
-                JwtKeys::new(secret.clone(), config.jwt_audience.clone()),
-                false,
-            ),
+        let (jwt, demo_auth) = match JwtKeys::from_config(&config)? {
+            Some(keys) => {
+                keys.prefetch().await;
+                (keys, false)
+            }
             None => (JwtKeys::random(), true),
         };
 
         let listener = TcpListener::bind(config.listen_addr)
             .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
-        let mut config = config;
         // With port 0 the real port is known only now.
         if config.public_base_url.ends_with(":0") {
             config.public_base_url = format!("http://{}:{port}", config.listen_addr.ip());
@@ -98,15 +115,29 @@ impl Application {
             shutdown_rx,
         )));
 
+        let readiness = Readiness::default();
+        let server_readiness = web::Data::new(readiness.clone());
+        let limiter = web::Data::new(crate::limits::RateLimiter::default());
         let server_state = state.clone();
         let server = HttpServer::new(move || {
             let cors = cors(&server_state.config.cors_allowed_origins);
             App::new()
+                .wrap(actix_web::middleware::from_fn(
+                    crate::methods::method_not_allowed,
+                ))
+                .wrap(actix_web::middleware::from_fn(crate::limits::rate_limits))
                 .wrap(cors)
                 .wrap(tracing_actix_web::TracingLogger::<
                     crate::telemetry::RedactingSpans,
                 >::new())
+                .wrap(actix_web::middleware::from_fn(crate::metrics::http_metrics))
+                // Outermost: the id exists before the span opens and reaches every answer.
+                .wrap(actix_web::middleware::from_fn(
+                    crate::telemetry::request_ids,
+                ))
                 .app_data(server_state.clone())
+                .app_data(server_readiness.clone())
+                .app_data(limiter.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(64 * 1024)
@@ -114,6 +145,7 @@ impl Application {
                 )
                 .app_data(web::QueryConfig::default().error_handler(|e, _| query_error(e).into()))
                 .app_data(web::PathConfig::default().error_handler(|e, _| path_error(e).into()))
+                .route("/metrics", web::get().to(crate::metrics::scrape))
                 .configure(crate::routes::configure)
         })
         .listen(listener)?
@@ -124,6 +156,7 @@ impl Application {
 
         Ok(Self {
             port,
+            readiness,
             server,
             state,
             shutdown,
@@ -140,7 +173,10 @@ impl Application {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
         shutdown_signal().await;
-        tracing::info!("shutting down");
+        // Not ready first, so the load balancer stops sending requests; then drain.
+        self.readiness.start_draining();
+        tracing::info!(delay = ?self.state.config.shutdown_delay, "shutting down: /readyz answers 503, draining after the delay");
+        tokio::time::sleep(self.state.config.shutdown_delay).await;
         handle.stop(true).await;
         let _ = server.await;
         let _ = self.shutdown.send(true);
@@ -158,6 +194,7 @@ impl Application {
         let server = tokio::spawn(self.server);
         RunningApp {
             port: self.port,
+            readiness: self.readiness,
             handle,
             server,
             shutdown: self.shutdown,
@@ -169,6 +206,8 @@ impl Application {
 /// An application running in the background.
 pub struct RunningApp {
     pub port: u16,
+    /// Turns `/readyz` to 503 as SIGTERM does.
+    pub readiness: Readiness,
     handle: actix_web::dev::ServerHandle,
     server: JoinHandle<std::io::Result<()>>,
     shutdown: watch::Sender<bool>,
@@ -194,6 +233,8 @@ fn cors(origins: &[String]) -> actix_cors::Cors {
             actix_web::http::header::CONTENT_TYPE,
         ])
         .allowed_header("Idempotency-Key")
+        .allowed_header("X-Request-Id")
+        .expose_headers(vec!["X-Request-Id"])
         .max_age(3600);
     for origin in origins {
         cors = if origin == "*" {

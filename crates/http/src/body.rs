@@ -38,11 +38,55 @@ impl<T: DeserializeOwned + 'static> FromRequest for Body<T> {
                 )
                 .into());
             }
-            reject_nul(&value)?;
+            if let Some(field) = control_characters(&value, "") {
+                return Err(ApiError::bad_request(
+                    "control_characters",
+                    format!(
+                        "{field} contains a control character (only tab, line feed and carriage return are allowed)"
+                    ),
+                )
+                .into());
+            }
             serde_json::from_value(value)
                 .map(Body)
                 .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()).into())
         })
+    }
+}
+
+/// The first field (a dotted path) whose text holds a control character other than tab,
+/// line feed or carriage return. PostgreSQL cannot store `\u0000` at all (the insert would
+/// fail as a 500), and none of them belongs in a prompt, a reason or an id.
+fn control_characters(value: &serde_json::Value, at: &str) -> Option<String> {
+    let bad = |s: &str| {
+        s.chars()
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    };
+    let name = |key: &str| {
+        if at.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{at}.{key}")
+        }
+    };
+    match value {
+        serde_json::Value::String(s) if bad(s) => Some(if at.is_empty() {
+            "a value".to_owned()
+        } else {
+            at.to_owned()
+        }),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| control_characters(v, &name(&i.to_string()))),
+        serde_json::Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+            if bad(k) {
+                Some("a field name".to_owned())
+            } else {
+                control_characters(v, &name(k))
+            }
+        }),
+        _ => None,
     }
 }
 

@@ -40,9 +40,18 @@ pub struct Config {
     pub database_url: String,
     pub listen_addr: SocketAddr,
     pub public_base_url: String,
-    /// `None`: demo sign-in (`POST /api/dev/token`, random per-process secret).
+    /// HS256 secret of user tokens (Supabase's legacy JWT secret). With `jwks_url` also
+    /// unset: demo sign-in (`POST /api/dev/token`, random per-process secret).
     pub jwt_secret: Option<SecretString>,
+    /// Where the public keys of asymmetric user tokens (ES256, RS256) are published, e.g.
+    /// `https://<project>.supabase.co/auth/v1/.well-known/jwks.json`.
+    pub jwks_url: Option<String>,
+    /// Checked against `iss` when set.
+    pub jwt_issuer: Option<String>,
+    /// Checked against `aud` when set.
     pub jwt_audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub jwt_leeway: Duration,
     /// `None`: admin endpoints are closed.
     pub admin_token: Option<SecretString>,
     /// `None`: demo payments (recharges complete at once).
@@ -65,6 +74,14 @@ pub struct Config {
     pub settlement_interval: Duration,
     pub demo_video_delay: Duration,
     pub cors_allowed_origins: Vec<String>,
+    /// `None`: `GET /metrics` is open (keep it off the public proxy).
+    pub metrics_token: Option<SecretString>,
+    /// Per-user rate limits (`RATE_LIMIT_*`).
+    pub limits: crate::limits::Limits,
+    /// `/readyz` answers 503 when the projector is further behind than this.
+    pub ready_max_lag: Duration,
+    /// Between SIGTERM (readiness turns 503) and closing the listener.
+    pub shutdown_delay: Duration,
     pub write_connections: u32,
     pub read_connections: usize,
 }
@@ -103,6 +120,24 @@ impl Config {
             use secrecy::ExposeSecret;
             if s.expose_secret().len() < 16 {
                 return Err(err("AUTH_JWT_SECRET", "must be at least 16 characters"));
+            }
+        }
+        let jwks_url = match get("AUTH_JWKS_URL") {
+            Some(url) => Some(parse_url("AUTH_JWKS_URL", &url)?),
+            None => None,
+        };
+        let jwt_leeway = match get("AUTH_JWT_LEEWAY") {
+            Some(v) => parse_duration("AUTH_JWT_LEEWAY", &v)?,
+            None => Duration::from_secs(30),
+        };
+        if jwt_leeway > Duration::from_secs(300) {
+            return Err(err("AUTH_JWT_LEEWAY", "must be at most 5m"));
+        }
+        let metrics_token = secret("METRICS_TOKEN");
+        if let Some(s) = &metrics_token {
+            use secrecy::ExposeSecret;
+            if s.expose_secret().len() < 12 {
+                return Err(err("METRICS_TOKEN", "must be at least 12 characters"));
             }
         }
         let admin_token = secret("ADMIN_TOKEN");
@@ -189,6 +224,26 @@ impl Config {
             Some(v) => parse_duration("SETTLEMENT_INTERVAL", &v)?,
             None => Duration::from_secs(30),
         };
+        let rule = |var: &'static str, default: &str| {
+            crate::limits::Rule::parse(&get(var).unwrap_or_else(|| default.to_owned()))
+                .map_err(|e| err(var, e))
+        };
+        let limits = crate::limits::Limits {
+            generate: rule("RATE_LIMIT_GENERATE", "30/m")?,
+            recharge: rule("RATE_LIMIT_RECHARGE", "10/m")?,
+            dev_token: rule("RATE_LIMIT_DEV_TOKEN", "20/m")?,
+        };
+        let ready_max_lag = match get("READY_MAX_LAG") {
+            Some(v) => parse_duration("READY_MAX_LAG", &v)?,
+            None => Duration::from_secs(5),
+        };
+        let shutdown_delay = match get("SHUTDOWN_DELAY") {
+            Some(v) => parse_duration("SHUTDOWN_DELAY", &v)?,
+            None => Duration::from_secs(5),
+        };
+        if shutdown_delay > Duration::from_secs(60) {
+            return Err(err("SHUTDOWN_DELAY", "must be at most 60s"));
+        }
         let demo_video_delay = match get("DEMO_VIDEO_DELAY") {
             Some(v) => parse_duration("DEMO_VIDEO_DELAY", &v)?,
             None => Duration::from_secs(3),
@@ -229,12 +284,6 @@ impl Config {
             ));
         }
 
-        if stripe.is_some() && get("STRIPE_WEBHOOK_SECRET").is_none() {
-            return Err(err(
-                "STRIPE_WEBHOOK_SECRET",
-                "must be set when STRIPE_SECRET_KEY is: without it no payment is ever confirmed",
-            ));
-        }
         // A task whose submission is still waiting for Grsai must not look abandoned.
         if grsai.is_some() && task_poll_after <= grsai_timeout * 2 {
             return Err(err(
@@ -253,7 +302,10 @@ impl Config {
             listen_addr,
             public_base_url,
             jwt_secret,
+            jwks_url,
+            jwt_issuer: get("AUTH_JWT_ISSUER"),
             jwt_audience: get("AUTH_JWT_AUDIENCE"),
+            jwt_leeway,
             admin_token,
             stripe,
             stripe_webhook_secret: secret("STRIPE_WEBHOOK_SECRET"),
@@ -269,11 +321,69 @@ impl Config {
             settlement_interval,
             demo_video_delay,
             cors_allowed_origins,
+            metrics_token,
+            limits,
+            ready_max_lag,
+            shutdown_delay,
             write_connections: write_connections as u32,
             read_connections: read_connections as usize,
         };
+        config.check_no_partial_configuration()?;
         config.check_demo_is_local()?;
         Ok(config)
+    }
+
+    /// Demo mode is for a machine with nothing configured. Once any real credential is set,
+    /// this is a real deployment and every credential it needs must be there: a half
+    /// configured service would otherwise run with fake payments, fake videos or anyone's
+    /// sign-in behind a real one. A loopback address is no guard (real deployments listen
+    /// on 127.0.0.1 behind a proxy), so this holds on every address.
+    fn check_no_partial_configuration(&self) -> Result<(), ConfigError> {
+        let required: [(&'static str, bool); 5] = [
+            (
+                "AUTH_JWT_SECRET or AUTH_JWKS_URL",
+                self.jwt_secret.is_some() || self.jwks_url.is_some(),
+            ),
+            ("STRIPE_SECRET_KEY", self.stripe.is_some()),
+            (
+                "STRIPE_WEBHOOK_SECRET",
+                self.stripe_webhook_secret.is_some(),
+            ),
+            ("GRSAI_API_KEY", self.grsai.is_some()),
+            ("ADMIN_TOKEN", self.admin_token.is_some()),
+        ];
+        let set: Vec<&str> = required
+            .iter()
+            .filter(|(_, is_set)| *is_set)
+            .map(|(var, _)| *var)
+            .collect();
+        let missing: Vec<&'static str> = required
+            .iter()
+            .filter(|(_, is_set)| !*is_set)
+            .map(|(var, _)| *var)
+            .collect();
+        match (set.is_empty(), missing.first()) {
+            (false, Some(first)) => Err(err(
+                first,
+                format!(
+                    "missing. {} set, so this is a real deployment, and it also needs: {}. \
+                     Demo mode is only for a machine with none of them set.",
+                    set.join(", "),
+                    missing.join(", "),
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// True on a machine with nothing configured (the only way demo mode starts).
+    pub fn is_demo(&self) -> bool {
+        self.jwt_secret.is_none()
+            && self.jwks_url.is_none()
+            && self.stripe.is_none()
+            && self.stripe_webhook_secret.is_none()
+            && self.grsai.is_none()
+            && self.admin_token.is_none()
     }
 
     /// The demo features that are on (no key configured for them).
@@ -285,13 +395,14 @@ impl Config {
         if self.grsai.is_none() {
             on.push("video provider (simulated; GRSAI_API_KEY unset)");
         }
-        if self.jwt_secret.is_none() {
-            on.push("sign-in (POST /api/dev/token; AUTH_JWT_SECRET unset)");
+        if self.jwt_secret.is_none() && self.jwks_url.is_none() {
+            on.push("sign-in (POST /api/dev/token; AUTH_JWT_SECRET and AUTH_JWKS_URL unset)");
         }
         on
     }
 
-    /// Demo features are allowed only on a loopback address.
+    /// Demo mode is allowed only on a loopback address (and only with nothing configured,
+    /// see [`Config::check_no_partial_configuration`]).
     fn check_demo_is_local(&self) -> Result<(), ConfigError> {
         let demo = self.demo_features();
         if !demo.is_empty() && !self.listen_addr.ip().is_loopback() {
@@ -299,7 +410,8 @@ impl Config {
                 "LISTEN_ADDR",
                 format!(
                     "{} is not a loopback address, and demo mode is only allowed on loopback; \
-                     configure STRIPE_SECRET_KEY, GRSAI_API_KEY and AUTH_JWT_SECRET, or listen on \
+                     configure AUTH_JWT_SECRET or AUTH_JWKS_URL, STRIPE_SECRET_KEY, \
+                     STRIPE_WEBHOOK_SECRET, GRSAI_API_KEY and ADMIN_TOKEN, or listen on \
                      127.0.0.1 (demo features that would be on: {})",
                     self.listen_addr,
                     demo.join("; ")
@@ -372,12 +484,82 @@ mod tests {
         assert_eq!((c.recharge_min_fen, c.recharge_max_fen), (100, 1_000_000));
         assert_eq!(c.task_poll_after, Duration::from_secs(600));
         assert_eq!(c.demo_features().len(), 3);
+        assert!(c.is_demo());
     }
 
     #[test]
     fn demo_mode_refuses_a_public_address() {
         let e = config(&[("LISTEN_ADDR", "0.0.0.0:8080")]).err();
         assert_eq!(e.map(|e| e.var), Some("LISTEN_ADDR"));
+    }
+
+    const FULL: [(&str, &str); 5] = [
+        ("AUTH_JWT_SECRET", "a-very-long-test-secret"),
+        ("STRIPE_SECRET_KEY", "sk_test_x"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_x"),
+        ("GRSAI_API_KEY", "grsai-key"),
+        ("ADMIN_TOKEN", "an-admin-token-long-enough"),
+    ];
+
+    #[test]
+    fn a_fully_configured_service_has_no_demo_feature_and_may_listen_anywhere() {
+        let mut vars = FULL.to_vec();
+        vars.push(("LISTEN_ADDR", "0.0.0.0:8080"));
+        let c = config(&vars).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.demo_features().is_empty());
+        // A JWKS URL stands in for the secret.
+        let mut vars = FULL[1..].to_vec();
+        vars.push((
+            "AUTH_JWKS_URL",
+            "https://x.supabase.co/auth/v1/.well-known/jwks.json",
+        ));
+        let c = config(&vars).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.demo_features().is_empty());
+    }
+
+    #[test]
+    fn any_credential_without_the_others_is_refused_naming_each_missing_one() {
+        for (i, (var, value)) in FULL.iter().enumerate() {
+            // Alone, on loopback: refused, and every other credential is named.
+            let e = config(&[(var, value)]).err();
+            let Some(e) = e else {
+                panic!("{var} alone was accepted");
+            };
+            let text = e.to_string();
+            for (j, (other, _)) in FULL.iter().enumerate() {
+                if i != j {
+                    let name = if *other == "AUTH_JWT_SECRET" {
+                        "AUTH_JWT_SECRET or AUTH_JWKS_URL"
+                    } else {
+                        other
+                    };
+                    assert!(
+                        text.contains(name),
+                        "{var} alone: {other} not named in {text}"
+                    );
+                }
+            }
+            // Everything but one: refused, naming that one.
+            let rest: Vec<_> = FULL
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, kv)| *kv)
+                .collect();
+            let e = config(&rest).err().map(|e| e.var);
+            let expected = if *var == "AUTH_JWT_SECRET" {
+                "AUTH_JWT_SECRET or AUTH_JWKS_URL"
+            } else {
+                var
+            };
+            assert_eq!(e, Some(expected), "all but {var}");
+        }
+        let e = config(&[(
+            "AUTH_JWKS_URL",
+            "https://x.supabase.co/auth/v1/.well-known/jwks.json",
+        )])
+        .err();
+        assert_eq!(e.map(|e| e.var), Some("STRIPE_SECRET_KEY"));
     }
 
     #[test]

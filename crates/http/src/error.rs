@@ -1,5 +1,5 @@
 //! The one HTTP error type. Every error answers
-//! `{"error": {"code": "snake_case", "message": "…", …extra}}`; internals never leak: the
+//! `{"error": {"code": "snake_case", "message": "…", "request_id": "…", …extra}}`; internals never leak: the
 //! cause is logged once, here, and the client sees a stable code.
 
 use actix_web::http::StatusCode;
@@ -96,11 +96,22 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
+        self.response(None)
+    }
+}
+
+impl ApiError {
+    /// The answer, with the request's id in the body when it is known (the request-id
+    /// middleware rebuilds every error answer with it).
+    pub fn response(&self, request_id: Option<&str>) -> HttpResponse {
         let mut body = Map::new();
         body.insert("code".into(), json!(self.code));
         body.insert("message".into(), json!(self.message));
         for (k, v) in &self.extra {
             body.insert(k.clone(), v.clone());
+        }
+        if let Some(id) = request_id {
+            body.insert("request_id".into(), json!(id));
         }
         HttpResponse::build(self.status).json(json!({ "error": body }))
     }

@@ -10,6 +10,10 @@ mod body;
 pub mod config;
 mod error;
 mod flows;
+mod health;
+mod limits;
+mod methods;
+mod metrics;
 mod money;
 mod routes;
 mod settlement;
@@ -18,6 +22,7 @@ mod telemetry;
 
 pub use app::{Application, RunningApp};
 pub use config::Config;
+pub use health::Readiness;
 
 /// Reads the configuration from the environment and serves until Ctrl-C or SIGTERM.
 pub async fn serve() -> anyhow::Result<()> {

@@ -12,7 +12,15 @@ pub async fn run(state: web::Data<AppState>, mut shutdown: watch::Receiver<bool>
             _ = tokio::time::sleep(state.config.settlement_interval) => {}
             _ = shutdown.changed() => return,
         }
-        match crate::flows::settle::settle_once(&state).await {
+        let pass = crate::flows::settle::settle_once(&state).await;
+        if let Ok(pass) = &pass {
+            metrics::counter!("settlement_tasks_settled_total")
+                .increment(pass.tasks_settled as u64);
+            metrics::counter!("settlement_recharges_settled_total")
+                .increment(pass.recharges_settled as u64);
+            metrics::counter!("settlement_errors_total").increment(pass.errors as u64);
+        }
+        match pass {
             Ok(pass) if pass == Default::default() => {}
             Ok(pass) => tracing::info!(
                 tasks = pass.tasks_settled,

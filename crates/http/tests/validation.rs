@@ -119,7 +119,7 @@ async fn user_endpoints_refuse_missing_and_wrong_tokens() {
         (
             Some(bearer(jwt(
                 JWT_SECRET,
-                &json!({"sub": u, "exp": now() - 10}),
+                &json!({"sub": u, "exp": now() - 120}),
             ))),
             "token_expired",
             "expired",
@@ -511,7 +511,7 @@ async fn unknown_routes_and_disabled_features_answer_in_the_error_shape() {
     let r = app.get("/api/nothing-here", Some(&token)).await;
     expect(&r, 404, "not_found", "unknown path");
     let r = app.get("/api/video/generate", Some(&token)).await;
-    expect(&r, 404, "not_found", "wrong method");
+    expect(&r, 405, "method_not_allowed", "wrong method");
     // The dev token endpoint exists only without AUTH_JWT_SECRET.
     let r = app
         .post("/api/dev/token", None, &json!({"user_id": "someone"}))

@@ -6,7 +6,6 @@ use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
-use tokio_postgres::NoTls;
 
 /// Plain-SQL migrations, forward-only, applied in order. An applied migration is never
 /// edited: its checksum is recorded and checked at every start.
@@ -78,16 +77,11 @@ impl Database {
     }
 }
 
-fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
-    url.parse::<tokio_postgres::Config>()
-        .context("DATABASE_URL is not a valid PostgreSQL URL")
-}
-
 /// A connection to the server's `postgres` database, and the name of the one in `url`.
 async fn maintenance(
     url: &str,
 ) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>, String)> {
-    let config = pg_config(url)?;
+    let crate::tls::PgTarget { config, tls, .. } = crate::tls::pg_target(url)?;
     let name = config
         .get_dbname()
         .context("DATABASE_URL names no database")?
@@ -95,7 +89,7 @@ async fn maintenance(
     let mut maintenance = config.clone();
     maintenance.dbname("postgres");
     let (client, connection) = maintenance
-        .connect(NoTls)
+        .connect(tls)
         .await
         .context("connecting to PostgreSQL")?;
     let conn = tokio::spawn(async move {
@@ -141,9 +135,10 @@ pub async fn drop_database(url: &str) -> anyhow::Result<()> {
 
 /// The read-side pool: projections, queries, audit.
 pub fn read_pool(url: &str, size: usize) -> anyhow::Result<Pool> {
+    let target = crate::tls::pg_target(url)?;
     let manager = Manager::from_config(
-        pg_config(url)?,
-        NoTls,
+        target.config,
+        target.tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

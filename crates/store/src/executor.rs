@@ -213,6 +213,7 @@ impl Inner {
     }
 
     async fn run_batch(&self, account: &UserId, batch: Vec<Pending>, kept: &mut Option<Kept>) {
+        crate::metrics::batch(batch.len());
         for attempt in 0..MAX_ATTEMPTS {
             let (mut state, fresh) = match kept.take() {
                 Some(k) => (k, false),
@@ -262,10 +263,12 @@ impl Inner {
                     state.snapshot = next_snapshot(before.0, events.len(), before.1);
                     *kept = Some(state);
                     self.appended.notify_one();
+                    crate::metrics::appended(&events);
                     return reply_all(batch, outcomes, &envelopes, before.0);
                 }
                 Err(AppendError::Conflict) => {
                     tracing::debug!(account.id = %account, attempt, "optimistic lock conflict, retrying");
+                    crate::metrics::conflict();
                     // `kept` stays empty: the next attempt reloads.
                     let jitter = rand::thread_rng().gen_range(1..=5u64 << attempt.min(5));
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
@@ -379,6 +382,13 @@ fn reply_all(
     sequence: usize,
 ) {
     for (pending, outcome) in batch.into_iter().zip(outcomes) {
+        use crate::metrics::Outcome;
+        let counted = if outcome.is_ok() {
+            Outcome::Committed
+        } else {
+            Outcome::Rejected
+        };
+        crate::metrics::command(&pending.command, counted);
         let reply = match outcome {
             Ok((own, balance)) => Ok(Committed {
                 sequence: sequence + own.end,
@@ -393,6 +403,12 @@ fn reply_all(
 
 fn fail_all(batch: Vec<Pending>, error: &ExecuteError) {
     for pending in batch {
+        let counted = match error {
+            ExecuteError::Rejected(_) => crate::metrics::Outcome::Rejected,
+            ExecuteError::Contended(_) => crate::metrics::Outcome::Contended,
+            ExecuteError::Store(_) => crate::metrics::Outcome::StoreError,
+        };
+        crate::metrics::command(&pending.command, counted);
         let _ = pending.reply.send(Err(error.clone()));
     }
 }

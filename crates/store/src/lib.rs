@@ -9,8 +9,10 @@ pub mod checkpoint;
 pub mod db;
 pub mod executor;
 pub mod export;
+pub mod metrics;
 pub mod projector;
 pub mod queries;
+pub mod tls;
 
 pub use db::{Database, DbConfig};
 pub use executor::{Committed, ExecuteError, Ledger};

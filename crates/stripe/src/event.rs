@@ -280,11 +280,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const EVENT: &str = include_str!("../tests/fixtures/event.json");
-    const SESSION: &str = include_str!("../tests/fixtures/checkout.session.json");
-    const CHARGE: &str = include_str!("../tests/fixtures/charge.json");
-    const DISPUTE: &str = include_str!("../tests/fixtures/dispute.json");
-    const PAYMENT_INTENT: &str = include_str!("../tests/fixtures/payment_intent.json");
+    const EVENT: &str = include_str!("../../testkit/fixtures/stripe/event.json");
+    const SESSION: &str = include_str!("../../testkit/fixtures/stripe/checkout.session.json");
+    const CHARGE: &str = include_str!("../../testkit/fixtures/stripe/charge.json");
+    const DISPUTE: &str = include_str!("../../testkit/fixtures/stripe/dispute.json");
+    const PAYMENT_INTENT: &str = include_str!("../../testkit/fixtures/stripe/payment_intent.json");
 
     fn fixture(text: &str) -> Value {
         serde_json::from_str(text).expect("fixture is JSON")

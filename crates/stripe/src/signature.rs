@@ -128,7 +128,7 @@ mod tests {
 
     const SECRET: &str = "whsec_test_secret";
     const NOW: i64 = 1_700_000_000;
-    const BODY: &str = include_str!("../tests/fixtures/event.json");
+    const BODY: &str = include_str!("../../testkit/fixtures/stripe/event.json");
 
     fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
         let mut mac =

@@ -17,8 +17,8 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
+    cfg.route("/healthz", web::get().to(crate::health::healthz))
+        .route("/readyz", web::get().to(crate::health::readyz))
         .route("/api/openapi.json", web::get().to(pages::openapi))
         .route("/api/stats", web::get().to(stats))
         .route("/api/dev/token", web::post().to(dev_token))
@@ -65,40 +65,6 @@ async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError
     )))
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
-}
-
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let check = async {
-        let client = state.db.read.get().await?;
-        let migrated = credit_store::db::migrations_applied(&client).await?;
-        let lag = credit_store::projector::lag(&client).await?;
-        anyhow::Ok((migrated, lag))
-    };
-    match check.await {
-        Ok((migrated, lag)) => {
-            let ready = migrated;
-            let body = json!({
-                "status": if ready { "ready" } else { "not_ready" },
-                "database": "ok",
-                "migrations_applied": migrated,
-                "projector_lag": lag,
-            });
-            if ready {
-                HttpResponse::Ok().json(body)
-            } else {
-                HttpResponse::ServiceUnavailable().json(body)
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "readiness check failed");
-            HttpResponse::ServiceUnavailable()
-                .json(json!({ "status": "not_ready", "database": "unreachable" }))
-        }
-    }
-}
-
 async fn stats(state: web::Data<AppState>, user: AuthUser) -> Result<HttpResponse, ApiError> {
     let client = state.read_own(&user.0).await?;
     let credits = credit_store::queries::projected_credits(&client, user.0.as_str()).await?;
@@ -142,7 +108,7 @@ async fn dev_token(
     }
     let user = credit_domain::UserId::parse(body.user_id.trim())
         .map_err(|e| ApiError::invalid("invalid_user_id", e.to_string()))?;
-    let (token, exp) = state.jwt.issue(&user, 24 * 3600);
+    let (token, exp) = state.jwt.issue(&user, 24 * 3600)?;
     Ok(HttpResponse::Ok().json(json!({
         "token": token,
         "user_id": user.as_str(),

@@ -48,13 +48,11 @@ pub fn new_id(req: &HttpRequest, prefix: &str, user: &UserId) -> Result<String, 
 
 pub fn metadata(req: &HttpRequest) -> HashMap<String, String> {
     let mut m = HashMap::new();
-    if let Some(id) = req.extensions().get::<tracing_actix_web::RequestId>() {
-        m.insert("request_id".to_owned(), id.to_string());
+    if let Some(id) = crate::telemetry::request_id(req) {
+        m.insert("request_id".to_owned(), id);
     }
     m
 }
-
-use actix_web::HttpMessage;
 
 fn recharge_body(id: &str, r: &Recharge, balance: i64) -> serde_json::Value {
     json!({

@@ -44,7 +44,14 @@ pub async fn receive(
     let event = credit_stripe::parse_event(&body)
         .map_err(|e| ApiError::bad_request("invalid_payload", e.to_string()))?;
 
-    match crate::flows::stripe::receive(&state, &event).await? {
+    let receipt = crate::flows::stripe::receive(&state, &event).await?;
+    let counted = match &receipt {
+        Receipt::Handled(outcome) => outcome.as_str(),
+        Receipt::Duplicate(_) => "duplicate",
+    };
+    metrics::counter!("stripe_webhook_events_total", "type" => event.event_type.clone(), "outcome" => counted)
+        .increment(1);
+    match receipt {
         Receipt::Handled(outcome) => {
             Ok(HttpResponse::Ok().json(json!({ "received": true, "outcome": outcome })))
         }

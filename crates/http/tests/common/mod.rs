@@ -151,8 +151,10 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub stripe: Option<FakeStripe>,
     pub grsai: Option<FakeGrsai>,
-    /// Stops the running application (its type is not exported by the crate).
+    /// Stops the running application.
     stopper: Option<Stopper>,
+    /// Turns `/readyz` to 503 as SIGTERM does.
+    pub readiness: credit_http::Readiness,
     pub db: TestDb,
     /// The configuration it was started with.
     env: HashMap<String, String>,
@@ -193,6 +195,10 @@ impl TestApp {
         set("LISTEN_ADDR", "127.0.0.1:0");
         set("DATABASE_WRITE_CONNECTIONS", "8");
         set("DATABASE_READ_CONNECTIONS", "8");
+        // Tests fire many requests per user; the rate-limit test sets its own limits.
+        set("RATE_LIMIT_GENERATE", "off");
+        set("RATE_LIMIT_RECHARGE", "off");
+        set("RATE_LIMIT_DEV_TOKEN", "off");
         let (stripe, grsai) = match kind {
             Kind::Full => {
                 let stripe = FakeStripe::start().await;
@@ -238,6 +244,7 @@ impl TestApp {
             .unwrap_or_else(|e| panic!("application failed to build: {e:#}"));
         let port = app.port();
         let running = app.spawn();
+        let readiness = running.readiness.clone();
         let stopper: Stopper = Box::new(move || Box::pin(running.stop()));
         Self {
             base: format!("http://127.0.0.1:{port}"),
@@ -246,6 +253,7 @@ impl TestApp {
             stripe,
             grsai,
             stopper: Some(stopper),
+            readiness,
             db,
             env,
         }

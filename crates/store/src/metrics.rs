@@ -1,0 +1,74 @@
+//! What the ledger reports to Prometheus (through the `metrics` facade; the HTTP crate
+//! installs the exporter): commands by kind and outcome, batch sizes, optimistic-lock
+//! conflicts, and the credits that moved. Kept apart from the executor so that it stays a
+//! few one-line calls there.
+//!
+//! Names (all counters end in `_total`): `ledger_commands_total{kind, outcome}`,
+//! `ledger_batch_size` (histogram), `ledger_conflicts_total`, `credits_recharged_total`,
+//! `credits_spent_total`, `credits_refunded_total`, `credits_reversed_total`,
+//! `credits_granted_total`, `credits_deducted_by_adjustment_total`.
+
+use credit_domain::{CreditCommand, CreditEvent};
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Committed,
+    Rejected,
+    Contended,
+    StoreError,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::Rejected => "rejected",
+            Outcome::Contended => "contended",
+            Outcome::StoreError => "store_error",
+        }
+    }
+}
+
+/// The command's variant name (`RequestRecharge`, ...), read from its `Debug` form so that
+/// new commands are counted without a list here to keep in step.
+fn kind(command: &CreditCommand) -> String {
+    let debug = format!("{command:?}");
+    debug
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+pub fn command(command: &CreditCommand, outcome: Outcome) {
+    metrics::counter!("ledger_commands_total", "kind" => kind(command), "outcome" => outcome.as_str())
+        .increment(1);
+}
+
+pub fn batch(size: usize) {
+    metrics::histogram!("ledger_batch_size").record(size as f64);
+}
+
+pub fn conflict() {
+    metrics::counter!("ledger_conflicts_total").increment(1);
+}
+
+/// Credits moved by committed events.
+pub fn appended(events: &[CreditEvent]) {
+    for event in events {
+        let Some(delta) = event.credit_delta() else {
+            continue;
+        };
+        let name = match (event.name(), delta >= 0) {
+            ("RechargeCompleted", _) => "credits_recharged_total",
+            ("CreditsDeducted", _) => "credits_spent_total",
+            ("CreditsRefunded", _) => "credits_refunded_total",
+            ("RechargeReversed", _) => "credits_reversed_total",
+            ("CreditsAdjusted", true) => "credits_granted_total",
+            ("CreditsAdjusted", false) => "credits_deducted_by_adjustment_total",
+            _ => continue,
+        };
+        metrics::counter!(name).increment(delta.unsigned_abs());
+    }
+}
