@@ -31,6 +31,7 @@ use cqrs_es::{Aggregate, AggregateError, DomainEvent, EventEnvelope, EventStore}
 use credit_domain::{CreditAccount, CreditCommand, CreditEvent, LedgerError, UserId};
 use postgres_es::PostgresEventRepository;
 use rand::Rng;
+use sqlx::Row as _;
 use tokio::sync::{oneshot, Notify};
 
 /// How many events between two snapshots of an account. A snapshot serialises the whole
@@ -192,6 +193,81 @@ impl Inner {
         })
     }
 
+    /// Loads the states of `accounts` in one round trip: each one's latest snapshot (as
+    /// postgres-es writes and reads it) and the events after it. An account whose snapshot
+    /// no longer reads as a `CreditAccount` (an older shape) goes through postgres-es's
+    /// loader, which replays its whole journal.
+    async fn load_many(&self, accounts: &[&UserId]) -> HashMap<String, Result<Kept, ExecuteError>> {
+        let ids: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
+        let mut loaded: HashMap<String, Result<Kept, ExecuteError>> = ids
+            .iter()
+            .map(|&id| {
+                let empty = Kept {
+                    aggregate: CreditAccount::default(),
+                    sequence: 0,
+                    snapshot: None,
+                };
+                (id.to_owned(), Ok(empty))
+            })
+            .collect();
+        let rows = match sqlx::query(LOAD)
+            .bind(CreditAccount::TYPE)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                let e = ExecuteError::Store(e.to_string());
+                return ids
+                    .iter()
+                    .map(|&id| (id.to_owned(), Err(e.clone())))
+                    .collect();
+            }
+        };
+        let mut unreadable_snapshots = Vec::new();
+        for row in rows {
+            let Ok(id) = row.try_get::<String, _>("aggregate_id") else {
+                continue;
+            };
+            let Some(Ok(kept)) = loaded.get_mut(&id) else {
+                continue;
+            };
+            let read = (|| -> Result<(), String> {
+                let sequence: i64 = row.try_get("sequence").map_err(|e| e.to_string())?;
+                let snapshot: Option<i64> = row.try_get("snapshot").map_err(|e| e.to_string())?;
+                let payload: serde_json::Value =
+                    row.try_get("payload").map_err(|e| e.to_string())?;
+                if let Some(counter) = snapshot {
+                    match serde_json::from_value(payload) {
+                        Ok(aggregate) => kept.aggregate = aggregate,
+                        Err(_) => {
+                            unreadable_snapshots.push(id.clone());
+                            return Ok(());
+                        }
+                    }
+                    kept.snapshot = Some(counter as usize);
+                } else {
+                    let event: CreditEvent =
+                        serde_json::from_value(payload).map_err(|e| e.to_string())?;
+                    kept.aggregate.apply_event(event);
+                }
+                kept.sequence = sequence as usize;
+                Ok(())
+            })();
+            if let Err(e) = read {
+                loaded.insert(id, Err(ExecuteError::Store(e)));
+            }
+        }
+        for id in unreadable_snapshots {
+            if let Some(account) = accounts.iter().find(|a| a.as_str() == id) {
+                let state = self.load_kept(account).await;
+                loaded.insert(id, state);
+            }
+        }
+        loaded
+    }
+
     /// Queues a command, and starts a committer if one may start and none would take it.
     fn submit(this: &Arc<Self>, pending: Pending) {
         let start = {
@@ -213,25 +289,23 @@ impl Inner {
     async fn run_batch(&self, groups: &mut [Group]) {
         loop {
             // Load the accounts whose state is unknown (first use, or after a failed append).
-            let missing: Vec<(usize, UserId)> = groups
-                .iter()
-                .enumerate()
-                .filter(|(_, g)| g.state.is_none() && !g.commands.is_empty())
-                .map(|(i, g)| (i, g.account.clone()))
+            let missing: Vec<usize> = (0..groups.len())
+                .filter(|&i| groups[i].state.is_none() && !groups[i].commands.is_empty())
                 .collect();
-            let loaded = futures::future::join_all(
-                missing
-                    .into_iter()
-                    .map(|(i, account)| async move { (i, self.load_kept(&account).await) }),
-            )
-            .await;
-            for (i, result) in loaded {
-                match result {
-                    Ok(kept) => {
-                        groups[i].state = Some(kept);
-                        groups[i].fresh = true;
+            if !missing.is_empty() {
+                let accounts: Vec<&UserId> = missing.iter().map(|&i| &groups[i].account).collect();
+                let mut loaded = self.load_many(&accounts).await;
+                for i in missing {
+                    match loaded.remove(groups[i].account.as_str()) {
+                        Some(Ok(kept)) => {
+                            groups[i].state = Some(kept);
+                            groups[i].fresh = true;
+                        }
+                        Some(Err(e)) => groups[i].fail_all(&e),
+                        None => groups[i].fail_all(&ExecuteError::Store(
+                            "account state was not loaded".to_owned(),
+                        )),
                     }
-                    Err(e) => groups[i].fail_all(&e),
                 }
             }
 
@@ -414,6 +488,24 @@ WITH appended AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM snapshot)";
+
+/// The accounts' snapshots, and their events after the snapshot (or all), in sequence order:
+/// a snapshot row (`snapshot` not null) comes before its account's events.
+const LOAD: &str = "
+WITH wanted AS (
+    SELECT unnest($2::text[]) AS id
+), snap AS (
+    SELECT s.aggregate_id, s.last_sequence, s.current_snapshot, s.payload
+      FROM snapshots s JOIN wanted w ON s.aggregate_type = $1 AND s.aggregate_id = w.id
+)
+SELECT aggregate_id, last_sequence AS sequence, current_snapshot AS snapshot, payload FROM snap
+UNION ALL
+SELECT e.aggregate_id, e.sequence, NULL, e.payload
+  FROM wanted w
+  LEFT JOIN snap ON snap.aggregate_id = w.id
+  JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = w.id
+                AND e.sequence > coalesce(snap.last_sequence, 0)
+ ORDER BY 1, 2";
 
 /// The columns of one append statement.
 #[derive(Default)]

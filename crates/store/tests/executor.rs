@@ -421,4 +421,39 @@ async fn snapshots_written_by_shared_batches_load_back() {
         assert_eq!(loaded, replayed);
         assert_eq!(loaded.balance(), 100 + 499);
     }
+    // A fresh process's executor loads all three (snapshot and the event after it) in one
+    // batch, and carries on from there.
+    let results = join_all(accounts.iter().map(|a| {
+        fresh.execute(
+            a,
+            CreditCommand::Adjust {
+                adjustment_id: format!("{a}-last"),
+                credits: 1,
+                actor: "ops".into(),
+                reason: "test".into(),
+            },
+            HashMap::new(),
+        )
+    }))
+    .await;
+    for r in results {
+        let done = r.unwrap();
+        assert_eq!((done.balance, done.sequence), (100 + 500, 502));
+    }
+
+    // A snapshot that no longer reads as an account (an older shape) is not trusted: the
+    // account is rebuilt from its journal.
+    client
+        .execute(
+            "UPDATE snapshots SET payload = '{\"old\": true}' WHERE aggregate_id = $1",
+            &[&accounts[0].as_str()],
+        )
+        .await
+        .unwrap();
+    let another = credit_store::Ledger::new(env.test.db.write.clone());
+    let done = another
+        .execute(&accounts[0], deduct("after-upgrade"), HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!((done.balance, done.sequence), (100 + 500 - 10, 503));
 }
