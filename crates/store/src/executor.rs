@@ -872,23 +872,26 @@ impl Committer {
 }
 
 impl Drop for Committer {
-    /// Reached with a batch in hand only if deciding it panicked: its commands are dropped
-    /// (their callers get an error), its accounts freed, and the queue goes on.
+    /// Reached without `done` only if deciding a batch panicked, or the runtime dropped the
+    /// task: the batch's commands are dropped (their callers get an error), its accounts
+    /// freed, and another committer carries on with the queue.
     fn drop(&mut self) {
         if self.done {
             return;
         }
+        // Not `tokio::spawn`, which panics outside a runtime.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let restart = {
             let mut queue = self.inner.queue();
             queue.release(std::mem::take(&mut self.groups), false);
-            let restart = !queue.waiting.is_empty();
+            let restart = runtime.is_some() && !queue.waiting.is_empty();
             if !restart {
                 queue.committers -= 1;
             }
             restart
         };
-        if restart {
-            tokio::spawn(Committer::new(self.inner.clone()).run());
+        if let (true, Some(runtime)) = (restart, runtime) {
+            runtime.spawn(Committer::new(self.inner.clone()).run());
         }
     }
 }

@@ -29,6 +29,9 @@ const SWEEP: Duration = Duration::from_millis(100);
 /// below the 1 s budget.
 const GATHER: Duration = Duration::from_millis(20);
 
+/// How long `drain` waits for outbox rows locked by another transaction.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Where a batch may be interrupted on purpose, to prove crash safety in tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interrupt {
@@ -79,14 +82,30 @@ impl Projector {
     }
 
     /// Projects until the outbox is empty. Returns the number of events applied.
+    ///
+    /// Outbox rows that a batch cannot take are locked by another transaction: one that is
+    /// ending (a batch rolled back, or whose process was killed, releases its rows a moment
+    /// after its client has seen it fail) or another projector's. Those are waited for, up
+    /// to `DRAIN_PATIENCE`, rather than reported as done.
     pub async fn drain(&self) -> anyhow::Result<u64> {
         let mut total = 0;
+        let started = std::time::Instant::now();
         loop {
             let (rows, applied) = self.batch(None).await?;
             total += applied;
-            if rows == 0 {
+            if rows > 0 {
+                continue;
+            }
+            let client = self.pool.get().await.context("projector connection")?;
+            let pending: bool = client
+                .query_one("SELECT EXISTS (SELECT 1 FROM projection_outbox)", &[])
+                .await?
+                .try_get(0)?;
+            if !pending || started.elapsed() >= DRAIN_PATIENCE {
                 return Ok(total);
             }
+            drop(client);
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
