@@ -350,25 +350,31 @@ async fn audit(args: &Args, url: &str) -> anyhow::Result<AuditFigures> {
     })
 }
 
+/// The ledger/plain ratio issue 9 asks for (spread at 16 workers: 1.5, hot at 16: 2, at
+/// one worker: 0.7; other worker counts are held to the one-worker figure).
+fn target_ratio(scenario: Scenario, workers: usize) -> f64 {
+    match (scenario, workers >= 16) {
+        (Scenario::Spread, true) => 1.5,
+        (Scenario::Hot, true) => 2.0,
+        _ => 0.7,
+    }
+}
+
 fn print_verdict(rows: &[Row], audit: Option<AuditFigures>) {
     println!();
     println!("targets:");
     let verdict = |met: bool| if met { "MET" } else { "NOT MET" };
     for row in rows {
         let ratio = row.ledger.rate() / row.plain.rate();
-        let failures_ok = row.scenario == Scenario::Spread || row.ledger.failed == 0;
+        let target = target_ratio(row.scenario, row.workers);
         println!(
-            "  {} x{:<2}: ledger/plain {:.2} (>= 0.5) {}; failed commands {} {}",
+            "  {} x{:<2}: ledger/plain {:.2} (>= {target}) {}; failed commands {} {}",
             row.scenario.name(),
             row.workers,
             ratio,
-            verdict(ratio >= 0.5),
+            verdict(ratio >= target),
             row.ledger.failed,
-            if row.scenario == Scenario::Hot {
-                verdict(failures_ok)
-            } else {
-                ""
-            }
+            verdict(row.ledger.failed == 0)
         );
     }
     if !rows.is_empty() {
@@ -380,10 +386,10 @@ fn print_verdict(rows: &[Row], audit: Option<AuditFigures>) {
     }
     if let Some(a) = audit {
         println!(
-            "  audit replay: {:.0} events/s over {} events (>= 100000) {}; ok={} (journal built in {:.1} s, projected in {:.1} s)",
+            "  audit replay: {:.0} events/s over {} events (>= 500000) {}; ok={} (journal built in {:.1} s, projected in {:.1} s)",
             a.rate(),
             a.events,
-            verdict(a.rate() >= 100_000.0),
+            verdict(a.rate() >= 500_000.0),
             a.ok,
             a.build_seconds,
             a.project_seconds

@@ -1,26 +1,38 @@
-//! The command executor: runs commands against one account and returns what they committed.
+//! The command executor: runs commands against accounts and returns what they committed.
 //!
-//! Commands for one account are serialised inside the process, and the ones that queue up
-//! behind a busy account are decided together, one after the other on the evolving state, and
-//! appended in a single transaction (group commit): a hot account queues instead of
-//! conflicting, and pays one commit per batch instead of one per command. The decided state
-//! is kept in memory between commands (bounded); because postgres-es appends under an
-//! optimistic lock on the account's sequence, kept state that another process has overtaken
-//! can never be committed: the conflict is retried, bounded and with jitter, on fresh state.
-//! A refusal decided on kept state is likewise re-decided on fresh state before it stands.
+//! Commands wait in one queue per process, and a committer task takes them in batches. A
+//! batch holds the commands of many accounts: each account's commands are decided one after
+//! the other on that account's state, and the events of every account are appended together
+//! by one statement (`INSERT … SELECT … FROM unnest(…)`, the snapshots due in the same
+//! statement), which is its own transaction: one round trip and one commit for the batch
+//! (group commit). Batches form by themselves: a free committer takes everything queued, so
+//! under load the queue fills while a batch commits, and a command arriving on an idle system
+//! is taken at once, without waiting for company. An account is in one batch at a time, so a
+//! hot account queues instead of conflicting.
+//!
+//! The optimistic check stays per account: the journal's primary key (account, sequence)
+//! refuses an append on an account that another process has moved past the state it was
+//! decided on. The batch then learns which accounts moved, decides only those again on fresh
+//! state, and appends the others' events unchanged. When the database refuses a batch for any
+//! other reason (a value that jsonb cannot store, say), the batch is split in halves until
+//! the refused account is alone, and that account's commands are then run one at a time, so
+//! only the command the database refuses is answered with `ExecuteError::Store`.
+//!
+//! Decided state is kept in memory between commands (bounded). Kept state that another
+//! process has overtaken can never be committed (the primary key again), and a refusal
+//! decided on kept state is decided again on fresh state before it stands.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::time::Duration;
 
-use cqrs_es::persist::{
-    PersistedEventRepository, PersistedEventStore, PersistenceError, SerializedEvent,
-};
-use cqrs_es::{AggregateError, EventEnvelope, EventStore};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateError, DomainEvent, EventEnvelope, EventStore};
 use credit_domain::{CreditAccount, CreditCommand, CreditEvent, LedgerError, UserId};
 use postgres_es::PostgresEventRepository;
 use rand::Rng;
-use tokio::sync::{oneshot, Mutex, Notify};
+use sqlx::Row as _;
+use tokio::sync::{oneshot, Notify};
 
 /// How many events between two snapshots of an account. A snapshot serialises the whole
 /// account, so taking one is not free for a long history: at 100, a hot account with
@@ -30,7 +42,10 @@ pub const SNAPSHOT_EVERY: usize = 500;
 /// How many idle accounts' states are kept in memory.
 pub const KEEP_IDLE_ACCOUNTS: usize = 10_000;
 /// The most commands decided and appended together.
-pub const MAX_BATCH: usize = 64;
+pub const MAX_BATCH: usize = 256;
+/// Batches that may be committing at the same time (on different accounts): while one waits
+/// for its commit to be flushed, the next one's statement runs (see docs/BENCHMARKS.md).
+pub const COMMITTERS: usize = 2;
 const MAX_ATTEMPTS: u32 = 12;
 
 /// What a command committed.
@@ -51,18 +66,15 @@ pub enum ExecuteError {
     /// Other writers kept winning the race for this account; nothing was written.
     #[error("account {0} is too busy, gave up after {MAX_ATTEMPTS} attempts")]
     Contended(String),
-    /// The database failed; nothing was written.
+    /// The database failed or refused the command's events; nothing was written.
     #[error("event store error: {0}")]
     Store(String),
 }
 
 type Reply = Result<Committed, ExecuteError>;
 
-/// One command of a batch, as decided: which of the batch's events are its own, and the
-/// balance after them; or why it was refused.
-type Decided = Result<(std::ops::Range<usize>, i64), LedgerError>;
-
 struct Pending {
+    account: UserId,
     command: CreditCommand,
     metadata: HashMap<String, String>,
     reply: oneshot::Sender<Reply>,
@@ -75,19 +87,16 @@ struct Kept {
     snapshot: Option<usize>,
 }
 
-/// One account's queue and, while it is busy, its kept state.
-#[derive(Default)]
-struct Slot {
-    queue: StdMutex<Vec<Pending>>,
-    kept: Mutex<Option<Kept>>,
-}
-
-struct Slots {
-    busy: HashMap<String, Arc<Slot>>,
+/// Commands not taken yet, the accounts that batches hold, and idle accounts' states.
+struct Queue {
+    waiting: VecDeque<Pending>,
+    busy: HashSet<String>,
     idle: lru::LruCache<String, Kept>,
+    /// Committer tasks running (at most `COMMITTERS`).
+    committers: usize,
 }
 
-/// Runs commands against `CreditAccount`s stored by postgres-es.
+/// Runs commands against `CreditAccount`s stored in postgres-es's tables.
 #[derive(Clone)]
 pub struct Ledger {
     inner: Arc<Inner>,
@@ -96,9 +105,9 @@ pub struct Ledger {
 struct Inner {
     /// Loads accounts: the latest snapshot plus the events after it.
     store: PersistedEventStore<PostgresEventRepository, CreditAccount>,
-    /// Appends events (and, every `SNAPSHOT_EVERY` events, the snapshot) in one transaction.
-    repo: PostgresEventRepository,
-    slots: StdMutex<Slots>,
+    /// Appends events and snapshots to postgres-es's tables.
+    pool: sqlx::PgPool,
+    queue: StdMutex<Queue>,
     appended: Arc<Notify>,
 }
 
@@ -109,13 +118,15 @@ impl Ledger {
                 PostgresEventRepository::new(pool.clone()),
                 SNAPSHOT_EVERY,
             ),
-            repo: PostgresEventRepository::new(pool),
-            slots: StdMutex::new(Slots {
-                busy: HashMap::new(),
+            pool,
+            queue: StdMutex::new(Queue {
+                waiting: VecDeque::new(),
+                busy: HashSet::new(),
                 idle: lru::LruCache::new(
                     std::num::NonZeroUsize::new(KEEP_IDLE_ACCOUNTS)
                         .unwrap_or(std::num::NonZeroUsize::MIN),
                 ),
+                committers: 0,
             }),
             appended: Arc::new(Notify::new()),
         };
@@ -137,24 +148,50 @@ impl Ledger {
 
     /// Decides `command` against the account and appends the resulting events atomically.
     ///
-    /// The command runs on its own task: once submitted it is carried through even if the
-    /// caller goes away (an HTTP client disconnecting), since other callers' commands may be
-    /// riding in the same batch.
+    /// Once submitted, the command is carried through by a committer task even if the caller
+    /// goes away (an HTTP client disconnecting): other callers' commands may share its batch.
     pub async fn execute(
         &self,
         account: &UserId,
         command: CreditCommand,
         metadata: HashMap<String, String>,
     ) -> Result<Committed, ExecuteError> {
-        let inner = self.inner.clone();
-        let account = account.clone();
-        tokio::spawn(async move { inner.execute(&account, command, metadata).await })
+        let (reply, answer) = oneshot::channel();
+        // Kept for the metrics only (the kind), and only a small clone.
+        let counted = command.clone();
+        Inner::submit(
+            &self.inner,
+            Pending {
+                account: account.clone(),
+                command,
+                metadata,
+                reply,
+            },
+        );
+        let answer = answer
             .await
-            .unwrap_or_else(|e| Err(ExecuteError::Store(format!("command task failed: {e}"))))
+            .unwrap_or_else(|_| Err(ExecuteError::Store("command was dropped".to_owned())));
+        let outcome = match &answer {
+            Ok(done) => {
+                let events: Vec<CreditEvent> =
+                    done.events.iter().map(|e| e.payload.clone()).collect();
+                crate::metrics::appended(&events);
+                crate::metrics::Outcome::Committed
+            }
+            Err(ExecuteError::Rejected(_)) => crate::metrics::Outcome::Rejected,
+            Err(ExecuteError::Contended(_)) => crate::metrics::Outcome::Contended,
+            Err(ExecuteError::Store(_)) => crate::metrics::Outcome::StoreError,
+        };
+        crate::metrics::command(&counted, outcome);
+        answer
     }
 }
 
 impl Inner {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn load_kept(&self, account: &UserId) -> Result<Kept, ExecuteError> {
         let ctx = self
             .store
@@ -171,251 +208,714 @@ impl Inner {
         })
     }
 
-    async fn execute(
-        &self,
-        account: &UserId,
-        command: CreditCommand,
-        metadata: HashMap<String, String>,
-    ) -> Result<Committed, ExecuteError> {
-        let slot = self.slot(account.as_str());
-        let (reply, answer) = oneshot::channel();
-        slot.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Pending {
-                command,
-                metadata,
-                reply,
-            });
-        let mut answer = answer;
-        let reply = loop {
-            // Either a batch that took our command answers it, or we get the account and
-            // take every queued command ourselves (ours included, unless already taken).
-            // Waiting for both keeps batches large: an answered caller never queues for the
-            // lock just to learn that its command is done.
-            tokio::select! {
-                biased;
-                reply = &mut answer => break reply,
-                mut kept = slot.kept.lock() => {
-                    let batch: Vec<Pending> = {
-                        let mut queue = slot.queue.lock().unwrap_or_else(|e| e.into_inner());
-                        let n = queue.len().min(MAX_BATCH);
-                        queue.drain(..n).collect()
-                    };
-                    if !batch.is_empty() {
-                        self.run_batch(account, batch, &mut kept).await;
-                    }
-                }
-            }
-        };
-        self.release(account.as_str(), slot);
-        reply.unwrap_or_else(|_| Err(ExecuteError::Store("command was dropped".to_owned())))
-    }
-
-    async fn run_batch(&self, account: &UserId, batch: Vec<Pending>, kept: &mut Option<Kept>) {
-        crate::metrics::batch(batch.len());
-        for attempt in 0..MAX_ATTEMPTS {
-            let (mut state, fresh) = match kept.take() {
-                Some(k) => (k, false),
-                None => match self.load_kept(account).await {
-                    Ok(k) => (k, true),
-                    Err(e) => return fail_all(batch, &e),
-                },
-            };
-            let before = (state.sequence, state.snapshot);
-            // Decide every command in order on the evolving state.
-            let mut outcomes: Vec<Decided> = Vec::new();
-            let mut events: Vec<CreditEvent> = Vec::new();
-            let mut stale = false;
-            for pending in &batch {
-                match state.aggregate.decide(pending.command.clone()) {
-                    Ok(decided) => {
-                        // Applied in place: if the append fails, this state is dropped and
-                        // the next attempt reloads, so no copy is needed.
-                        let from = events.len();
-                        for e in &decided {
-                            state.aggregate.apply_event(e.clone());
-                        }
-                        events.extend(decided);
-                        outcomes.push(Ok((from..events.len(), state.aggregate.balance())));
-                    }
-                    Err(_) if !fresh => {
-                        stale = true;
-                        break;
-                    }
-                    Err(refused) => outcomes.push(Err(refused)),
-                }
-            }
-            if stale {
-                // A refusal on kept state: decide the whole batch again on fresh state.
-                continue;
-            }
-            if events.is_empty() {
-                *kept = Some(state);
-                return reply_all(batch, outcomes, &[], before.0);
-            }
-            match self
-                .append(account, &batch, &outcomes, &events, before, &state)
-                .await
-            {
-                Ok(envelopes) => {
-                    state.sequence = before.0 + events.len();
-                    state.snapshot = next_snapshot(before.0, events.len(), before.1);
-                    *kept = Some(state);
-                    self.appended.notify_one();
-                    crate::metrics::appended(&events);
-                    return reply_all(batch, outcomes, &envelopes, before.0);
-                }
-                Err(AppendError::Conflict) => {
-                    tracing::debug!(account.id = %account, attempt, "optimistic lock conflict, retrying");
-                    crate::metrics::conflict();
-                    // `kept` stays empty: the next attempt reloads.
-                    let jitter = rand::thread_rng().gen_range(1..=5u64 << attempt.min(5));
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                }
-                Err(AppendError::Store(e)) => {
-                    return fail_all(batch, &ExecuteError::Store(e));
-                }
-            }
-        }
-        fail_all(batch, &ExecuteError::Contended(account.to_string()));
-    }
-
-    /// Appends the batch's events, with a snapshot of `after` when a multiple of
-    /// `SNAPSHOT_EVERY` is reached, in one transaction through postgres-es.
-    async fn append(
-        &self,
-        account: &UserId,
-        batch: &[Pending],
-        outcomes: &[Decided],
-        events: &[CreditEvent],
-        (sequence, snapshot): (usize, Option<usize>),
-        after: &Kept,
-    ) -> Result<Vec<EventEnvelope<CreditAccount>>, AppendError> {
-        // Each event carries the metadata of the command that produced it.
-        let mut envelopes = Vec::with_capacity(events.len());
-        for (pending, outcome) in batch.iter().zip(outcomes) {
-            if let Ok((own, _)) = outcome {
-                for i in own.clone() {
-                    envelopes.push(EventEnvelope {
-                        aggregate_id: account.as_str().to_owned(),
-                        sequence: sequence + i + 1,
-                        payload: events[i].clone(),
-                        metadata: pending.metadata.clone(),
-                    });
-                }
-            }
-        }
-        let serialized = envelopes
+    /// Loads the states of `accounts` in one round trip: each one's latest snapshot (as
+    /// postgres-es writes and reads it) and the events after it. An account whose snapshot
+    /// no longer reads as a `CreditAccount` (an older shape) goes through postgres-es's
+    /// loader, which replays its whole journal.
+    async fn load_many(&self, accounts: &[&UserId]) -> HashMap<String, Result<Kept, ExecuteError>> {
+        let ids: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
+        let mut loaded: HashMap<String, Result<Kept, ExecuteError>> = ids
             .iter()
-            .map(SerializedEvent::try_from)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| AppendError::Store(e.to_string()))?;
-        let last = sequence + events.len();
-        let snapshot_update = if last / SNAPSHOT_EVERY > sequence / SNAPSHOT_EVERY {
-            let payload = serde_json::to_value(&after.aggregate)
-                .map_err(|e| AppendError::Store(e.to_string()))?;
-            Some((
-                account.as_str().to_owned(),
-                payload,
-                snapshot.map_or(1, |s| s + 1),
-            ))
-        } else {
-            None
-        };
-        match self
-            .repo
-            .persist::<CreditAccount>(&serialized, snapshot_update)
+            .map(|&id| {
+                let empty = Kept {
+                    aggregate: CreditAccount::default(),
+                    sequence: 0,
+                    snapshot: None,
+                };
+                (id.to_owned(), Ok(empty))
+            })
+            .collect();
+        let rows = match sqlx::query(LOAD)
+            .bind(CreditAccount::TYPE)
+            .bind(&ids)
+            .fetch_all(&self.pool)
             .await
         {
-            Ok(()) => Ok(envelopes),
-            Err(PersistenceError::OptimisticLockError) => Err(AppendError::Conflict),
-            Err(e) => Err(AppendError::Store(e.to_string())),
-        }
-    }
-
-    fn slot(&self, account: &str) -> Arc<Slot> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = slots.busy.get(account) {
-            return slot.clone();
-        }
-        let slot = Arc::new(Slot {
-            queue: StdMutex::new(Vec::new()),
-            kept: Mutex::new(slots.idle.pop(account)),
-        });
-        slots.busy.insert(account.to_owned(), slot.clone());
-        slot
-    }
-
-    /// Retires an account's slot once nobody is queued on it, keeping its state among the
-    /// idle accounts, so memory stays bounded.
-    fn release(&self, account: &str, slot: Arc<Slot>) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        drop(slot);
-        let Some(existing) = slots.busy.get(account) else {
-            return;
+            Ok(rows) => rows,
+            Err(e) => {
+                let e = ExecuteError::Store(e.to_string());
+                return ids
+                    .iter()
+                    .map(|&id| (id.to_owned(), Err(e.clone())))
+                    .collect();
+            }
         };
-        // One reference, the map's: no caller holds or waits for it.
-        if Arc::strong_count(existing) != 1 {
-            return;
-        }
-        if let Some(slot) = slots.busy.remove(account) {
-            if let Ok(mut kept) = slot.kept.try_lock() {
-                if let Some(state) = kept.take() {
-                    slots.idle.put(account.to_owned(), state);
+        let mut unreadable_snapshots = Vec::new();
+        for row in rows {
+            let Ok(id) = row.try_get::<String, _>("aggregate_id") else {
+                continue;
+            };
+            let Some(Ok(kept)) = loaded.get_mut(&id) else {
+                continue;
+            };
+            let read = (|| -> Result<(), String> {
+                let sequence: i64 = row.try_get("sequence").map_err(|e| e.to_string())?;
+                let snapshot: Option<i64> = row.try_get("snapshot").map_err(|e| e.to_string())?;
+                let payload: serde_json::Value =
+                    row.try_get("payload").map_err(|e| e.to_string())?;
+                if let Some(counter) = snapshot {
+                    match serde_json::from_value(payload) {
+                        Ok(aggregate) => kept.aggregate = aggregate,
+                        Err(_) => {
+                            unreadable_snapshots.push(id.clone());
+                            return Ok(());
+                        }
+                    }
+                    kept.snapshot = Some(counter as usize);
+                } else {
+                    let event: CreditEvent =
+                        serde_json::from_value(payload).map_err(|e| e.to_string())?;
+                    kept.aggregate.apply_event(event);
                 }
+                kept.sequence = sequence as usize;
+                Ok(())
+            })();
+            if let Err(e) = read {
+                loaded.insert(id, Err(ExecuteError::Store(e)));
             }
         }
+        for id in unreadable_snapshots {
+            if let Some(account) = accounts.iter().find(|a| a.as_str() == id) {
+                let state = self.load_kept(account).await;
+                loaded.insert(id, state);
+            }
+        }
+        loaded
+    }
+
+    /// Queues a command, and starts a committer if one may start and none would take it.
+    fn submit(this: &Arc<Self>, pending: Pending) {
+        let start = {
+            let mut queue = this.queue();
+            let start = queue.committers < COMMITTERS
+                && (queue.committers == 0 || !queue.busy.contains(pending.account.as_str()));
+            queue.waiting.push_back(pending);
+            if start {
+                queue.committers += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(Committer::new(this.clone()).run());
+        }
+    }
+
+    /// Decides and appends one batch; every command in it is answered on return.
+    async fn run_batch(&self, groups: &mut [Group]) {
+        crate::metrics::batch(groups.iter().map(|g| g.commands.len()).sum());
+        loop {
+            // Load the accounts whose state is unknown (first use, or after a failed append).
+            let missing: Vec<usize> = (0..groups.len())
+                .filter(|&i| groups[i].state.is_none() && !groups[i].commands.is_empty())
+                .collect();
+            if !missing.is_empty() {
+                let accounts: Vec<&UserId> = missing.iter().map(|&i| &groups[i].account).collect();
+                let mut loaded = self.load_many(&accounts).await;
+                for i in missing {
+                    match loaded.remove(groups[i].account.as_str()) {
+                        Some(Ok(kept)) => {
+                            groups[i].state = Some(kept);
+                            groups[i].fresh = true;
+                        }
+                        Some(Err(e)) => groups[i].fail_all(&e),
+                        None => groups[i].fail_all(&ExecuteError::Store(
+                            "account state was not loaded".to_owned(),
+                        )),
+                    }
+                }
+            }
+
+            let mut ready = Vec::new();
+            for (i, group) in groups.iter_mut().enumerate() {
+                if group.decision.is_none() && !group.decide() {
+                    continue;
+                }
+                match &group.decision {
+                    // Nothing to append (every command refused): answered at once.
+                    Some(decision) if decision.events() == 0 => group.committed(),
+                    Some(_) => ready.push(i),
+                    None => {}
+                }
+            }
+            let conflicted = self.append_isolating(groups, ready).await;
+
+            if groups.iter().all(|g| g.commands.is_empty()) {
+                return;
+            }
+            // What remains was refused on kept state, refused by the database, or lost the
+            // race for its account: it goes again (after a conflict, with jitter).
+            if let Some(attempt) = conflicted {
+                let jitter = rand::thread_rng().gen_range(1..=5u64 << attempt.min(5));
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+            }
+        }
+    }
+
+    /// Appends the decided events of the groups `ready`, in one statement when the database
+    /// accepts it. Otherwise the accounts that another writer moved are taken out (decided
+    /// again by the caller), and a refused statement is split until the refused account is
+    /// alone. Returns the highest attempt count of a group that conflicted, if any did.
+    async fn append_isolating(&self, groups: &mut [Group], ready: Vec<usize>) -> Option<u32> {
+        let mut conflicted: Option<u32> = None;
+        let mut conflict = |group: &mut Group| {
+            group.conflict();
+            conflicted = conflicted.max(Some(group.conflicts));
+        };
+        let mut chunks = if ready.is_empty() {
+            Vec::new()
+        } else {
+            vec![ready]
+        };
+        while let Some(chunk) = chunks.pop() {
+            let refusal = match self.append(groups, &chunk).await {
+                Ok(()) => {
+                    for &i in &chunk {
+                        groups[i].committed();
+                    }
+                    self.appended.notify_one();
+                    continue;
+                }
+                Err(AppendError::Conflict(e)) => match self.moved(groups, &chunk).await {
+                    Ok(moved) if !moved.is_empty() => {
+                        let mut rest = Vec::new();
+                        for i in chunk {
+                            if moved.contains(groups[i].account.as_str()) {
+                                tracing::debug!(account.id = %groups[i].account, "optimistic lock conflict, deciding again");
+                                conflict(&mut groups[i]);
+                            } else {
+                                rest.push(i);
+                            }
+                        }
+                        if !rest.is_empty() {
+                            chunks.push(rest);
+                        }
+                        continue;
+                    }
+                    // A unique violation that no other writer explains: a refusal.
+                    Ok(_) => e,
+                    Err(e) => {
+                        fail_decided(groups, &chunk, &e);
+                        continue;
+                    }
+                },
+                Err(AppendError::Transient(e)) => {
+                    tracing::debug!(error = %e, "append rolled back by the database, retrying");
+                    for &i in &chunk {
+                        conflict(&mut groups[i]);
+                    }
+                    continue;
+                }
+                Err(AppendError::Unavailable(e)) => {
+                    fail_decided(groups, &chunk, &e);
+                    continue;
+                }
+                Err(AppendError::Refused(e)) => e,
+            };
+            if chunk.len() > 1 {
+                let (first, second) = chunk.split_at(chunk.len() / 2);
+                chunks.push(second.to_vec());
+                chunks.push(first.to_vec());
+            } else if let Some(&i) = chunk.first() {
+                tracing::warn!(account.id = %groups[i].account, error = %refusal, "the database refused a command's events");
+                groups[i].refused(refusal);
+            }
+        }
+        conflicted
+    }
+
+    /// Appends the decided events of `chunk`'s groups, and the snapshots they bring due, in
+    /// one statement (one transaction).
+    async fn append(&self, groups: &[Group], chunk: &[usize]) -> Result<(), AppendError> {
+        let mut rows = Rows::default();
+        for &i in chunk {
+            rows.add(&groups[i])
+                .map_err(|e| AppendError::Refused(e.to_string()))?;
+        }
+        sqlx::query(APPEND)
+            .bind(CreditAccount::TYPE)
+            .bind(&rows.accounts)
+            .bind(&rows.sequences)
+            .bind(&rows.types)
+            .bind(&rows.versions)
+            .bind(&rows.payloads)
+            .bind(&rows.metadata)
+            .bind(&rows.snapshots.accounts)
+            .bind(&rows.snapshots.sequences)
+            .bind(&rows.snapshots.counters)
+            .bind(&rows.snapshots.payloads)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(AppendError::from)
+    }
+
+    /// The accounts of `chunk` whose journal has moved past the state they were decided on.
+    async fn moved(&self, groups: &[Group], chunk: &[usize]) -> Result<HashSet<String>, String> {
+        let accounts: Vec<&str> = chunk.iter().map(|&i| groups[i].account.as_str()).collect();
+        let last: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT aggregate_id, max(sequence) FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = ANY($2)
+              GROUP BY aggregate_id",
+        )
+        .bind(CreditAccount::TYPE)
+        .bind(&accounts)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        let last: HashMap<String, i64> = last.into_iter().collect();
+        Ok(chunk
+            .iter()
+            .map(|&i| &groups[i])
+            .filter(|g| {
+                let decided_on = g.decision.as_ref().map_or(0, |d| d.sequence);
+                last.get(g.account.as_str())
+                    .is_some_and(|&seq| seq > decided_on as i64)
+            })
+            .map(|g| g.account.as_str().to_owned())
+            .collect())
+    }
+}
+
+/// The append of a batch: events in order (each account's in sequence order, accounts in
+/// a fixed order so that concurrent writers lock keys in the same order), through the
+/// journal's insert trigger (hash chain and outbox, row by row as for single inserts); and
+/// the snapshots due, written only over an older one.
+const APPEND: &str = "
+WITH appended AS (
+    INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                        payload, metadata)
+    SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload::jsonb,
+           e.metadata::jsonb
+      FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+           WITH ORDINALITY AS e(aggregate_id, sequence, event_type, event_version, payload,
+                                metadata, n)
+     ORDER BY e.n
+    RETURNING 1
+), snapshot AS (
+    INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+    SELECT $1, s.aggregate_id, s.last_sequence, s.current_snapshot, s.payload::jsonb
+      FROM unnest($8::text[], $9::bigint[], $10::bigint[], $11::text[])
+           AS s(aggregate_id, last_sequence, current_snapshot, payload)
+        ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+       SET last_sequence = EXCLUDED.last_sequence,
+           current_snapshot = EXCLUDED.current_snapshot,
+           payload = EXCLUDED.payload
+     WHERE snapshots.last_sequence < EXCLUDED.last_sequence
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM snapshot)";
+
+/// The accounts' snapshots, and their events after the snapshot (or all), in sequence order:
+/// a snapshot row (`snapshot` not null) comes before its account's events.
+const LOAD: &str = "
+WITH wanted AS (
+    SELECT unnest($2::text[]) AS id
+), snap AS (
+    SELECT s.aggregate_id, s.last_sequence, s.current_snapshot, s.payload
+      FROM snapshots s JOIN wanted w ON s.aggregate_type = $1 AND s.aggregate_id = w.id
+)
+SELECT aggregate_id, last_sequence AS sequence, current_snapshot AS snapshot, payload FROM snap
+UNION ALL
+SELECT e.aggregate_id, e.sequence, NULL, e.payload
+  FROM wanted w
+  LEFT JOIN snap ON snap.aggregate_id = w.id
+  JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = w.id
+                AND e.sequence > coalesce(snap.last_sequence, 0)
+ ORDER BY 1, 2";
+
+/// The columns of one append statement.
+#[derive(Default)]
+struct Rows {
+    accounts: Vec<String>,
+    sequences: Vec<i64>,
+    types: Vec<String>,
+    versions: Vec<String>,
+    payloads: Vec<String>,
+    metadata: Vec<String>,
+    snapshots: SnapshotRows,
+}
+
+#[derive(Default)]
+struct SnapshotRows {
+    accounts: Vec<String>,
+    sequences: Vec<i64>,
+    counters: Vec<i64>,
+    payloads: Vec<String>,
+}
+
+impl Rows {
+    /// Adds a group's decided events (each with its command's metadata), and its snapshot
+    /// when the events pass a multiple of `SNAPSHOT_EVERY`.
+    fn add(&mut self, group: &Group) -> Result<(), serde_json::Error> {
+        let (Some(decision), Some(state)) = (&group.decision, &group.state) else {
+            return Ok(());
+        };
+        let account = group.account.as_str();
+        let mut sequence = decision.sequence;
+        for (verdict, pending) in decision.verdicts.iter().zip(&group.commands) {
+            let Verdict::Accepted { events, .. } = verdict else {
+                continue;
+            };
+            let metadata = serde_json::to_string(&pending.metadata)?;
+            for event in events {
+                sequence += 1;
+                self.accounts.push(account.to_owned());
+                self.sequences.push(sequence as i64);
+                self.types.push(event.event_type());
+                self.versions.push(event.event_version());
+                self.payloads.push(serde_json::to_string(event)?);
+                self.metadata.push(metadata.clone());
+            }
+        }
+        if let Some(counter) = next_snapshot(decision.sequence, sequence, decision.snapshot) {
+            if Some(counter) != decision.snapshot {
+                self.snapshots.accounts.push(account.to_owned());
+                self.snapshots.sequences.push(sequence as i64);
+                self.snapshots.counters.push(counter as i64);
+                self.snapshots
+                    .payloads
+                    .push(serde_json::to_string(&state.aggregate)?);
+            }
+        }
+        Ok(())
     }
 }
 
 enum AppendError {
-    Conflict,
-    Store(String),
+    /// A key of the journal exists already: another writer appended first (unless no
+    /// account moved, then it is a refusal).
+    Conflict(String),
+    /// The database rolled the transaction back for a reason that goes away on retry
+    /// (deadlock, serialization failure).
+    Transient(String),
+    /// The database refused the statement (a value it cannot store, a constraint).
+    Refused(String),
+    /// No answer from the database (connection, pool).
+    Unavailable(String),
 }
 
-/// Answers every command of a batch whose events were appended after `sequence`.
-fn reply_all(
-    batch: Vec<Pending>,
-    outcomes: Vec<Decided>,
-    envelopes: &[EventEnvelope<CreditAccount>],
+impl From<sqlx::Error> for AppendError {
+    fn from(e: sqlx::Error) -> Self {
+        let code = match &e {
+            sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            _ => return Self::Unavailable(e.to_string()),
+        };
+        match code.as_deref() {
+            Some("23505") => Self::Conflict(e.to_string()),
+            Some(c) if c.starts_with("40") => Self::Transient(e.to_string()),
+            _ => Self::Refused(e.to_string()),
+        }
+    }
+}
+
+fn fail_decided(groups: &mut [Group], chunk: &[usize], error: &str) {
+    for &i in chunk {
+        groups[i].fail_decided(&ExecuteError::Store(error.to_owned()));
+    }
+}
+
+/// One account's commands in a batch.
+struct Group {
+    account: UserId,
+    /// Commands not answered yet, oldest first.
+    commands: VecDeque<Pending>,
+    /// The account's state; `None` when it must be loaded.
+    state: Option<Kept>,
+    /// Whether `state` was read from the journal in this batch (a refusal on it stands).
+    fresh: bool,
+    /// The commands at the front of `commands`, decided on `state` and not yet appended.
+    decision: Option<Decision>,
+    /// Set once the database refused this account's events: its commands are then decided
+    /// and appended one at a time, so that only the refused one fails.
+    one_at_a_time: bool,
+    /// Appends lost to another writer.
+    conflicts: u32,
+}
+
+/// The commands at the front of a group, decided one after the other.
+struct Decision {
+    /// The account's sequence and snapshot counter before these commands.
     sequence: usize,
-) {
-    for (pending, outcome) in batch.into_iter().zip(outcomes) {
-        use crate::metrics::Outcome;
-        let counted = if outcome.is_ok() {
-            Outcome::Committed
+    snapshot: Option<usize>,
+    /// One per decided command, in order.
+    verdicts: Vec<Verdict>,
+}
+
+enum Verdict {
+    Accepted {
+        events: Vec<CreditEvent>,
+        /// The balance right after this command.
+        balance: i64,
+    },
+    Refused(LedgerError),
+}
+
+impl Decision {
+    fn events(&self) -> usize {
+        self.verdicts
+            .iter()
+            .map(|v| match v {
+                Verdict::Accepted { events, .. } => events.len(),
+                Verdict::Refused(_) => 0,
+            })
+            .sum()
+    }
+}
+
+impl Group {
+    fn new(account: UserId, kept: Option<Kept>) -> Self {
+        Self {
+            account,
+            commands: VecDeque::new(),
+            state: kept,
+            fresh: false,
+            decision: None,
+            one_at_a_time: false,
+            conflicts: 0,
+        }
+    }
+
+    /// Decides the next commands on the account's state, applying accepted events to it in
+    /// place (if the append fails, the state is dropped and loaded again, so no copy is
+    /// needed). Returns false when there is nothing to decide, or when a command was refused
+    /// on kept state: the state is then dropped, to be loaded and decided again.
+    fn decide(&mut self) -> bool {
+        let Some(state) = self.state.as_mut() else {
+            return false;
+        };
+        if self.commands.is_empty() {
+            return false;
+        }
+        let take = if self.one_at_a_time {
+            1
         } else {
-            Outcome::Rejected
+            self.commands.len()
         };
-        crate::metrics::command(&pending.command, counted);
-        let reply = match outcome {
-            Ok((own, balance)) => Ok(Committed {
-                sequence: sequence + own.end,
-                events: envelopes[own].to_vec(),
-                balance,
-            }),
-            Err(refused) => Err(ExecuteError::Rejected(refused)),
+        let (sequence, snapshot) = (state.sequence, state.snapshot);
+        let mut verdicts = Vec::with_capacity(take);
+        for pending in self.commands.iter().take(take) {
+            match state.aggregate.decide(pending.command.clone()) {
+                Ok(events) => {
+                    for event in &events {
+                        state.aggregate.apply_event(event.clone());
+                    }
+                    verdicts.push(Verdict::Accepted {
+                        events,
+                        balance: state.aggregate.balance(),
+                    });
+                }
+                Err(refused) if self.fresh => verdicts.push(Verdict::Refused(refused)),
+                Err(_) => {
+                    self.state = None;
+                    return false;
+                }
+            }
+        }
+        self.decision = Some(Decision {
+            sequence,
+            snapshot,
+            verdicts,
+        });
+        true
+    }
+
+    /// The decision is in the journal (or had nothing to append): answers its commands.
+    fn committed(&mut self) {
+        let Some(decision) = self.decision.take() else {
+            return;
         };
-        let _ = pending.reply.send(reply);
+        let mut sequence = decision.sequence;
+        for verdict in decision.verdicts {
+            let Some(pending) = self.commands.pop_front() else {
+                break;
+            };
+            let reply = match verdict {
+                Verdict::Accepted { events, balance } => {
+                    let events = events
+                        .into_iter()
+                        .map(|payload| {
+                            sequence += 1;
+                            EventEnvelope {
+                                aggregate_id: self.account.as_str().to_owned(),
+                                sequence,
+                                payload,
+                                metadata: pending.metadata.clone(),
+                            }
+                        })
+                        .collect();
+                    Ok(Committed {
+                        events,
+                        balance,
+                        sequence,
+                    })
+                }
+                Verdict::Refused(refused) => Err(ExecuteError::Rejected(refused)),
+            };
+            let _ = pending.reply.send(reply);
+        }
+        if let Some(state) = self.state.as_mut() {
+            state.snapshot = next_snapshot(decision.sequence, sequence, decision.snapshot);
+            state.sequence = sequence;
+        }
+    }
+
+    /// Another writer appended to the account first: load it and decide again, or give up.
+    fn conflict(&mut self) {
+        crate::metrics::conflict();
+        self.state = None;
+        self.decision = None;
+        self.conflicts += 1;
+        if self.conflicts >= MAX_ATTEMPTS {
+            self.fail_all(&ExecuteError::Contended(self.account.to_string()));
+        }
+    }
+
+    /// The database refused this account's events: with several commands decided, find the
+    /// refused one by running them one at a time; with one, that command fails.
+    fn refused(&mut self, error: String) {
+        let decided = self.decision.as_ref().map_or(0, |d| d.verdicts.len());
+        if decided > 1 {
+            self.state = None;
+            self.decision = None;
+            self.one_at_a_time = true;
+        } else {
+            self.fail_decided(&ExecuteError::Store(error));
+        }
+    }
+
+    /// Answers the decided commands with `error`; the state is loaded again for the rest.
+    fn fail_decided(&mut self, error: &ExecuteError) {
+        let decided = self.decision.take().map_or(0, |d| d.verdicts.len());
+        for pending in self.commands.drain(..decided.min(self.commands.len())) {
+            let _ = pending.reply.send(Err(error.clone()));
+        }
+        self.state = None;
+    }
+
+    fn fail_all(&mut self, error: &ExecuteError) {
+        for pending in self.commands.drain(..) {
+            let _ = pending.reply.send(Err(error.clone()));
+        }
+        self.decision = None;
+        self.state = None;
     }
 }
 
-fn fail_all(batch: Vec<Pending>, error: &ExecuteError) {
-    for pending in batch {
-        let counted = match error {
-            ExecuteError::Rejected(_) => crate::metrics::Outcome::Rejected,
-            ExecuteError::Contended(_) => crate::metrics::Outcome::Contended,
-            ExecuteError::Store(_) => crate::metrics::Outcome::StoreError,
-        };
-        crate::metrics::command(&pending.command, counted);
-        let _ = pending.reply.send(Err(error.clone()));
+impl Queue {
+    /// Takes the oldest waiting commands of the accounts no batch holds (at most
+    /// `MAX_BATCH`), grouped by account in arrival order; the accounts are then held.
+    fn take(&mut self) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut rest = VecDeque::new();
+        let mut taken = 0;
+        while let Some(pending) = self.waiting.pop_front() {
+            if taken == MAX_BATCH {
+                rest.push_back(pending);
+                rest.append(&mut self.waiting);
+                break;
+            }
+            let id = pending.account.as_str();
+            let i = match index.get(id) {
+                Some(&i) => i,
+                None if self.busy.contains(id) => {
+                    rest.push_back(pending);
+                    continue;
+                }
+                None => {
+                    self.busy.insert(id.to_owned());
+                    index.insert(id.to_owned(), groups.len());
+                    groups.push(Group::new(pending.account.clone(), self.idle.pop(id)));
+                    groups.len() - 1
+                }
+            };
+            groups[i].commands.push_back(pending);
+            taken += 1;
+        }
+        self.waiting = rest;
+        // A fixed order of accounts within every batch: concurrent appends lock journal keys
+        // in the same order and cannot deadlock.
+        groups.sort_by(|a, b| a.account.as_str().cmp(b.account.as_str()));
+        groups
+    }
+
+    /// Frees a finished batch's accounts, keeping their states (if `keep`) among the idle.
+    fn release(&mut self, groups: Vec<Group>, keep: bool) {
+        for group in groups {
+            self.busy.remove(group.account.as_str());
+            if let (true, Some(state)) = (keep, group.state) {
+                self.idle.put(group.account.as_str().to_owned(), state);
+            }
+        }
     }
 }
 
-/// The snapshot counter after appending `count` events at `sequence`.
-fn next_snapshot(sequence: usize, count: usize, snapshot: Option<usize>) -> Option<usize> {
-    if (sequence + count) / SNAPSHOT_EVERY > sequence / SNAPSHOT_EVERY {
+/// A committer task: takes batches until none is waiting for it.
+struct Committer {
+    inner: Arc<Inner>,
+    /// The batch in hand.
+    groups: Vec<Group>,
+    /// Counted out of `Queue::committers` already.
+    done: bool,
+}
+
+impl Committer {
+    fn new(inner: Arc<Inner>) -> Self {
+        Self {
+            inner,
+            groups: Vec::new(),
+            done: false,
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            {
+                let mut queue = self.inner.queue();
+                queue.release(std::mem::take(&mut self.groups), true);
+                self.groups = queue.take();
+                if self.groups.is_empty() {
+                    // In the same critical section as the empty take: a command queued
+                    // after it sees one committer fewer and starts one.
+                    queue.committers -= 1;
+                    self.done = true;
+                    return;
+                }
+            }
+            let inner = self.inner.clone();
+            inner.run_batch(&mut self.groups).await;
+        }
+    }
+}
+
+impl Drop for Committer {
+    /// Reached without `done` only if deciding a batch panicked, or the runtime dropped the
+    /// task: the batch's commands are dropped (their callers get an error), its accounts
+    /// freed, and another committer carries on with the queue.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Not `tokio::spawn`, which panics outside a runtime.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let restart = {
+            let mut queue = self.inner.queue();
+            queue.release(std::mem::take(&mut self.groups), false);
+            let restart = runtime.is_some() && !queue.waiting.is_empty();
+            if !restart {
+                queue.committers -= 1;
+            }
+            restart
+        };
+        if let (true, Some(runtime)) = (restart, runtime) {
+            runtime.spawn(Committer::new(self.inner.clone()).run());
+        }
+    }
+}
+
+/// The snapshot counter after appending the events up to `to` from `from`.
+fn next_snapshot(from: usize, to: usize, snapshot: Option<usize>) -> Option<usize> {
+    if to / SNAPSHOT_EVERY > from / SNAPSHOT_EVERY {
         Some(snapshot.map_or(1, |s| s + 1))
     } else {
         snapshot
@@ -430,8 +930,8 @@ mod tests {
     fn a_snapshot_is_taken_each_time_a_multiple_is_passed() {
         let n = SNAPSHOT_EVERY;
         assert_eq!(next_snapshot(0, 1, None), None);
-        assert_eq!(next_snapshot(n - 1, 1, None), Some(1));
-        assert_eq!(next_snapshot(n - 1, 2, Some(1)), Some(2));
-        assert_eq!(next_snapshot(n, 1, Some(1)), Some(1));
+        assert_eq!(next_snapshot(n - 1, n, None), Some(1));
+        assert_eq!(next_snapshot(n - 1, n + 1, Some(1)), Some(2));
+        assert_eq!(next_snapshot(n, n + 1, Some(1)), Some(1));
     }
 }

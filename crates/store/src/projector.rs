@@ -7,7 +7,7 @@
 //! the commit changes nothing (the outbox rows stay); after it, the work is done. Applying an
 //! event twice is impossible because only events past the checkpoint are read, under lock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,9 @@ const SWEEP: Duration = Duration::from_millis(100);
 /// one read-side transaction for many appends instead of one each, at a cost in lag far
 /// below the 1 s budget.
 const GATHER: Duration = Duration::from_millis(20);
+
+/// How long `drain` waits for outbox rows locked by another transaction.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Where a batch may be interrupted on purpose, to prove crash safety in tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,14 +82,30 @@ impl Projector {
     }
 
     /// Projects until the outbox is empty. Returns the number of events applied.
+    ///
+    /// Outbox rows that a batch cannot take are locked by another transaction: one that is
+    /// ending (a batch rolled back, or whose process was killed, releases its rows a moment
+    /// after its client has seen it fail) or another projector's. Those are waited for, up
+    /// to `DRAIN_PATIENCE`, rather than reported as done.
     pub async fn drain(&self) -> anyhow::Result<u64> {
         let mut total = 0;
+        let started = std::time::Instant::now();
         loop {
             let (rows, applied) = self.batch(None).await?;
             total += applied;
-            if rows == 0 {
+            if rows > 0 {
+                continue;
+            }
+            let client = self.pool.get().await.context("projector connection")?;
+            let pending: bool = client
+                .query_one("SELECT EXISTS (SELECT 1 FROM projection_outbox)", &[])
+                .await?
+                .try_get(0)?;
+            if !pending || started.elapsed() >= DRAIN_PATIENCE {
                 return Ok(total);
             }
+            drop(client);
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -109,53 +128,63 @@ impl Projector {
         // A projection commit may be lost in a database crash without harm: its outbox rows
         // and checkpoints come back with it, and the work is redone. So it need not wait for
         // its WAL flush, which halves the fsyncs the ledger's appends compete with.
-        tx.batch_execute("SET LOCAL synchronous_commit = off")
-            .await?;
-        let outbox = tx
-            .query(
+        let (_, outbox) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            query(
+                &tx,
                 "SELECT id, aggregate_id FROM projection_outbox ORDER BY id LIMIT $1
                  FOR UPDATE SKIP LOCKED",
                 &[&BATCH],
             )
-            .await?;
+        )?;
         if outbox.is_empty() {
             return Ok((0, 0));
         }
-        let ids: Vec<i64> = outbox.iter().map(|r| r.get(0)).collect();
-        let mut accounts: Vec<String> = outbox.iter().map(|r| r.get(1)).collect();
+        let ids: Vec<i64> = outbox
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        let mut accounts: Vec<String> = outbox
+            .iter()
+            .map(|r| r.try_get("aggregate_id"))
+            .collect::<Result<_, _>>()?;
         accounts.sort();
         accounts.dedup();
+        let by_account: &[&(dyn ToSql + Sync)] = &[&accounts];
+        let events_of: &[&(dyn ToSql + Sync)] = &[&accounts, &CreditAccount::TYPE];
 
-        tx.execute(
-            "INSERT INTO users (id) SELECT unnest($1::text[]) ON CONFLICT (id) DO NOTHING",
-            &[&accounts],
-        )
-        .await?;
-        // Lock the checkpoints in a fixed order, so two projectors never deadlock.
-        tx.execute(
-            "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&accounts],
-        )
-        .await?;
-        let rows = tx
-            .query(
+        // Sent together (pipelined), run in order: create missing checkpoints, lock them in
+        // a fixed order (two projectors never deadlock), read the events past them.
+        let (_, _, rows) = futures::try_join!(
+            execute(
+                &tx,
+                "INSERT INTO users (id) SELECT unnest($1::text[]) ON CONFLICT (id) DO NOTHING",
+                by_account,
+            ),
+            execute(
+                &tx,
+                "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                by_account,
+            ),
+            query(
+                &tx,
                 "SELECT e.aggregate_id, e.sequence, e.payload, e.recorded_at
                    FROM events e JOIN users u ON u.id = e.aggregate_id
-                  WHERE e.aggregate_type = $1 AND e.aggregate_id = ANY($2)
+                  WHERE e.aggregate_type = $2 AND e.aggregate_id = ANY($1)
                     AND e.sequence > u.last_sequence
                   ORDER BY e.aggregate_id, e.sequence",
-                &[&CreditAccount::TYPE, &accounts],
+                events_of,
             )
-            .await?;
+        )?;
         let rows = rows
             .into_iter()
             .map(|r| {
-                let Json(event): Json<CreditEvent> = r.try_get(2)?;
+                let Json(event): Json<CreditEvent> = r.try_get("payload")?;
                 Ok(Row {
-                    account: r.get(0),
-                    sequence: r.get(1),
+                    account: r.try_get("aggregate_id")?,
+                    sequence: r.try_get("sequence")?,
                     event,
-                    recorded_at: r.get(3),
+                    recorded_at: r.try_get("recorded_at")?,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()
@@ -164,18 +193,25 @@ impl Projector {
 
         apply_rows(&tx, &rows).await?;
 
-        tx.execute("DELETE FROM projection_outbox WHERE id = ANY($1)", &[&ids])
-            .await?;
-        // Rows of these accounts outside the batch whose events are now applied too (a long
-        // backlog of one account): skip rows another projector holds, they are its work.
-        tx.execute(
-            "DELETE FROM projection_outbox WHERE id IN (
-                 SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
-                  WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
-                    FOR UPDATE OF o SKIP LOCKED)",
-            &[&accounts],
-        )
-        .await?;
+        // The batch's outbox rows, and the rows of these accounts outside the batch whose
+        // events are now applied too (a long backlog of one account); rows another
+        // projector holds are skipped, they are its work.
+        let by_id: &[&(dyn ToSql + Sync)] = &[&ids];
+        futures::try_join!(
+            execute(
+                &tx,
+                "DELETE FROM projection_outbox WHERE id = ANY($1)",
+                by_id
+            ),
+            execute(
+                &tx,
+                "DELETE FROM projection_outbox WHERE id IN (
+                     SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
+                      WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
+                        FOR UPDATE OF o SKIP LOCKED)",
+                by_account,
+            )
+        )?;
         if interrupt == Some(Interrupt::BeforeCommit) {
             // Dropping the transaction rolls it back, exactly as a killed process would.
             anyhow::bail!("projection interrupted before commit");
@@ -255,6 +291,26 @@ pub async fn catch_up(
     Ok(rows.len() as u64)
 }
 
+/// Runs a statement through the connection's statement cache (parsed once per connection).
+/// Several of these in one `try_join!` are sent together (pipelined) and run in order.
+async fn execute(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.execute(&statement, params).await
+}
+
+async fn query(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query(&statement, params).await
+}
+
 /// Checkpoint and balance of one account after a batch.
 struct AccountUpdate {
     sequence: i64,
@@ -265,12 +321,16 @@ struct AccountUpdate {
     first_at: Option<DateTime<Utc>>,
 }
 
+/// Applies a batch's events to the read tables set-based: the writes of all its events are
+/// grouped by statement, and each statement runs once over arrays (`unnest`), however many
+/// events it serves. Writes to one row keep their journal order: the n-th write to a row in
+/// the batch runs in the n-th round, and a round's statements touch each row at most once. A
+/// batch of deductions is thus two inserts, whatever its size; a task deducted, submitted
+/// and finished within one batch takes three rounds. Then the checkpoints and balances.
 async fn apply_rows(tx: &Transaction<'_>, rows: &[Row]) -> anyhow::Result<()> {
-    // Statements for one batch are sent together (pipelined) and run in order.
-    let mut statements: Vec<(&'static str, Vec<Box<dyn ToSql + Sync + Send>>)> = Vec::new();
+    let statements = plan(rows.iter().flat_map(writes_for))?;
     let mut updates: BTreeMap<&str, AccountUpdate> = BTreeMap::new();
     for row in rows {
-        statements.extend(statements_for(row));
         let update = updates
             .entry(row.account.as_str())
             .or_insert(AccountUpdate {
@@ -294,19 +354,19 @@ async fn apply_rows(tx: &Transaction<'_>, rows: &[Row]) -> anyhow::Result<()> {
     let ats: Vec<DateTime<Utc>> = updates.values().map(|u| u.at).collect();
     let firsts: Vec<Option<DateTime<Utc>>> = updates.values().map(|u| u.first_at).collect();
 
-    let mut prepared = Vec::with_capacity(statements.len());
-    for (sql, _) in &statements {
-        prepared.push(tx.prepare_cached(sql).await?);
-    }
-    let futures = statements.iter().zip(&prepared).map(|((_, params), stmt)| {
-        let params: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        async move { tx.execute(stmt, &params).await }
-    });
-    try_join_all(futures).await?;
-    tx.execute(
+    let prepared = try_join_all(statements.iter().map(|s| tx.prepare_cached(s.sql))).await?;
+    // Sent together (pipelined), run in order.
+    let writes = statements
+        .iter()
+        .zip(&prepared)
+        .map(|(statement, prepared)| {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                statement.columns.iter().map(Column::as_param).collect();
+            async move { tx.execute(prepared, &params).await }
+        });
+    let checkpoints: &[&(dyn ToSql + Sync)] = &[&ids, &sequences, &credits, &ats, &firsts];
+    let checkpoints = execute(
+        tx,
         "UPDATE users u
             SET last_sequence = v.seq,
                 credits = coalesce(v.credits, u.credits),
@@ -316,24 +376,144 @@ async fn apply_rows(tx: &Transaction<'_>, rows: &[Row]) -> anyhow::Result<()> {
                        $5::timestamptz[])
                 AS v(id, seq, credits, at, first_at)
           WHERE u.id = v.id",
-        &[&ids, &sequences, &credits, &ats, &firsts],
-    )
-    .await?;
+        checkpoints,
+    );
+    futures::try_join!(try_join_all(writes), checkpoints)?;
     Ok(())
 }
 
-type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+/// One read-table write caused by one event: the row it writes, the statement (written over
+/// arrays, `$1` being the row's id) and this event's values for the statement's parameters.
+struct Write {
+    table: &'static str,
+    id: String,
+    sql: &'static str,
+    values: Vec<Value>,
+}
 
-fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Box<dyn ToSql + Sync + Send> {
-    Box::new(v)
+impl Write {
+    fn new(table: &'static str, id: &str, sql: &'static str, mut values: Vec<Value>) -> Self {
+        values.insert(0, text(id));
+        Self {
+            table,
+            id: id.to_owned(),
+            sql,
+            values,
+        }
+    }
+}
+
+/// A statement's parameter value for one event.
+#[derive(Clone)]
+enum Value {
+    Text(Option<String>),
+    Int8(i64),
+    Int4(i32),
+    Bool(Option<bool>),
+    Time(DateTime<Utc>),
+}
+
+fn text(v: &str) -> Value {
+    Value::Text(Some(v.to_owned()))
+}
+
+fn opt_text(v: &Option<String>) -> Value {
+    Value::Text(v.clone())
+}
+
+/// A statement's parameter over every event it serves in a round: one array.
+enum Column {
+    Text(Vec<Option<String>>),
+    Int8(Vec<i64>),
+    Int4(Vec<i32>),
+    Bool(Vec<Option<bool>>),
+    Time(Vec<DateTime<Utc>>),
+}
+
+impl Column {
+    fn of(value: &Value) -> Self {
+        match value {
+            Value::Text(_) => Self::Text(Vec::new()),
+            Value::Int8(_) => Self::Int8(Vec::new()),
+            Value::Int4(_) => Self::Int4(Vec::new()),
+            Value::Bool(_) => Self::Bool(Vec::new()),
+            Value::Time(_) => Self::Time(Vec::new()),
+        }
+    }
+
+    fn push(&mut self, value: Value) -> anyhow::Result<()> {
+        match (self, value) {
+            (Self::Text(c), Value::Text(v)) => c.push(v),
+            (Self::Int8(c), Value::Int8(v)) => c.push(v),
+            (Self::Int4(c), Value::Int4(v)) => c.push(v),
+            (Self::Bool(c), Value::Bool(v)) => c.push(v),
+            (Self::Time(c), Value::Time(v)) => c.push(v),
+            _ => anyhow::bail!("a projection statement got values of two different types"),
+        }
+        Ok(())
+    }
+
+    fn as_param(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Self::Text(c) => c,
+            Self::Int8(c) => c,
+            Self::Int4(c) => c,
+            Self::Bool(c) => c,
+            Self::Time(c) => c,
+        }
+    }
+}
+
+/// A statement and its arrays, for one round.
+struct Statement {
+    sql: &'static str,
+    columns: Vec<Column>,
+}
+
+/// Groups writes (in journal order) into statements: the n-th write to a row goes into the
+/// n-th round; within a round, one statement per distinct SQL. Rounds come out in order.
+fn plan(writes: impl Iterator<Item = Write>) -> anyhow::Result<Vec<Statement>> {
+    let mut rounds: Vec<Vec<Statement>> = Vec::new();
+    let mut written: HashMap<(&'static str, String), usize> = HashMap::new();
+    for write in writes {
+        let round = written.entry((write.table, write.id)).or_insert(0);
+        let n = *round;
+        *round += 1;
+        if rounds.len() <= n {
+            rounds.resize_with(n + 1, Vec::new);
+        }
+        let statements = &mut rounds[n];
+        let statement = match statements.iter().position(|s| s.sql == write.sql) {
+            Some(i) => &mut statements[i],
+            None => {
+                statements.push(Statement {
+                    sql: write.sql,
+                    columns: write.values.iter().map(Column::of).collect(),
+                });
+                let last = statements.len() - 1;
+                &mut statements[last]
+            }
+        };
+        anyhow::ensure!(
+            statement.columns.len() == write.values.len(),
+            "a projection statement got a different number of values"
+        );
+        for (column, value) in statement.columns.iter_mut().zip(write.values) {
+            column.push(value)?;
+        }
+    }
+    Ok(rounds.into_iter().flatten().collect())
 }
 
 /// The read-table writes one event causes. Inserts skip an id that exists already: ids are
 /// unique UUIDs, and if one were ever claimed by two accounts the audit reports the record
 /// mismatch, instead of the projector stalling on that event forever.
-fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
-    let at = row.recorded_at;
-    let user = row.account.clone();
+///
+/// Each statement reads its rows from `unnest` of one array per parameter (`$1` is the id of
+/// the row written), so one statement serves every event of its kind in a batch.
+fn writes_for(row: &Row) -> Vec<Write> {
+    let at = Value::Time(row.recorded_at);
+    let user = || text(&row.account);
     match &row.event {
         CreditEvent::RechargeRequested {
             recharge_id,
@@ -342,103 +522,139 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
             credits,
             credits_per_yuan,
             provider,
-        } => vec![(
+        } => vec![Write::new(
+            "recharge_records",
+            recharge_id,
             "INSERT INTO recharge_records (id, user_id, amount, amount_fen, currency, credits,
                  credits_per_yuan, payment_method, status, created_at)
-             VALUES ($1, $2, ($3::bigint)::numeric / 100, $3, $4, $5, $6, $7, 'pending', $8)
+             SELECT v.id, v.user_id, v.amount_fen::numeric / 100, v.amount_fen, v.currency,
+                    v.credits, v.credits_per_yuan, v.provider, 'pending', v.at
+               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[],
+                           $6::bigint[], $7::text[], $8::timestamptz[])
+                    AS v(id, user_id, amount_fen, currency, credits, credits_per_yuan,
+                         provider, at)
              ON CONFLICT (id) DO NOTHING",
             vec![
-                p(recharge_id.clone()),
-                p(user),
-                p(*amount_fen),
-                p(currency.clone()),
-                p(*credits),
-                p(*credits_per_yuan),
-                p(provider.clone()),
-                p(at),
+                user(),
+                Value::Int8(*amount_fen),
+                text(currency),
+                Value::Int8(*credits),
+                Value::Int8(*credits_per_yuan),
+                text(provider),
+                at,
             ],
         )],
         CreditEvent::RechargeCheckoutCreated {
             recharge_id,
             checkout_session_id,
             checkout_url,
-        } => vec![(
-            "UPDATE recharge_records SET checkout_session_id = $2, checkout_url = $3 WHERE id = $1",
-            vec![
-                p(recharge_id.clone()),
-                p(checkout_session_id.clone()),
-                p(checkout_url.clone()),
-            ],
+        } => vec![Write::new(
+            "recharge_records",
+            recharge_id,
+            "UPDATE recharge_records r SET checkout_session_id = v.session, checkout_url = v.url
+               FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, session, url)
+              WHERE r.id = v.id",
+            vec![text(checkout_session_id), opt_text(checkout_url)],
         )],
         CreditEvent::RechargeCompleted {
             recharge_id,
             payment_id,
             ..
-        } => vec![(
-            "UPDATE recharge_records SET status = 'completed', payment_id = $2, completed_at = $3
-              WHERE id = $1",
-            vec![p(recharge_id.clone()), p(payment_id.clone()), p(at)],
+        } => vec![Write::new(
+            "recharge_records",
+            recharge_id,
+            "UPDATE recharge_records r
+                SET status = 'completed', payment_id = v.payment_id, completed_at = v.at
+               FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS v(id, payment_id, at)
+              WHERE r.id = v.id",
+            vec![text(payment_id), at],
         )],
         CreditEvent::RechargeFailed {
             recharge_id,
             reason,
-        } => vec![(
-            "UPDATE recharge_records SET status = 'failed', failure_reason = $2 WHERE id = $1",
-            vec![p(recharge_id.clone()), p(reason.clone())],
+        } => vec![Write::new(
+            "recharge_records",
+            recharge_id,
+            "UPDATE recharge_records r SET status = 'failed', failure_reason = v.reason
+               FROM unnest($1::text[], $2::text[]) AS v(id, reason)
+              WHERE r.id = v.id",
+            vec![text(reason)],
         )],
-        CreditEvent::RechargeCancelled { recharge_id } => vec![(
-            "UPDATE recharge_records SET status = 'cancelled' WHERE id = $1",
-            vec![p(recharge_id.clone())],
+        CreditEvent::RechargeCancelled { recharge_id } => vec![Write::new(
+            "recharge_records",
+            recharge_id,
+            "UPDATE recharge_records r SET status = 'cancelled'
+               FROM unnest($1::text[]) AS v(id)
+              WHERE r.id = v.id",
+            vec![],
         )],
         CreditEvent::RechargeReversed {
             recharge_id,
             credits,
             ..
-        } => vec![(
-            "UPDATE recharge_records SET status = 'reversed', reversed_credits = reversed_credits + $2
-              WHERE id = $1",
-            vec![p(recharge_id.clone()), p(*credits)],
+        } => vec![Write::new(
+            "recharge_records",
+            recharge_id,
+            "UPDATE recharge_records r
+                SET status = 'reversed', reversed_credits = r.reversed_credits + v.credits
+               FROM unnest($1::text[], $2::bigint[]) AS v(id, credits)
+              WHERE r.id = v.id",
+            vec![Value::Int8(*credits)],
         )],
         CreditEvent::RechargeReinstated {
             recharge_id,
             credits,
             ..
-        } => vec![(
-            "UPDATE recharge_records
-                SET reversed_credits = reversed_credits - $2,
-                    status = CASE WHEN reversed_credits - $2 > 0 THEN 'reversed' ELSE 'completed' END
-              WHERE id = $1",
-            vec![p(recharge_id.clone()), p(*credits)],
+        } => vec![Write::new(
+            "recharge_records",
+            recharge_id,
+            "UPDATE recharge_records r
+                SET reversed_credits = r.reversed_credits - v.credits,
+                    status = CASE WHEN r.reversed_credits - v.credits > 0
+                                  THEN 'reversed' ELSE 'completed' END
+               FROM unnest($1::text[], $2::bigint[]) AS v(id, credits)
+              WHERE r.id = v.id",
+            vec![Value::Int8(*credits)],
         )],
         // Facts about the payment: the credits they move come as their own events.
         CreditEvent::PaymentRefunded { .. } | CreditEvent::PaymentDisputed { .. } => Vec::new(),
-        CreditEvent::VideoProgressed { task_id, progress } => vec![(
-            "UPDATE video_tasks SET progress = $2, status = 'processing'
-              WHERE id = $1 AND status IN ('pending', 'uncertain', 'processing')",
-            vec![p(task_id.clone()), p(i32::from(*progress))],
+        CreditEvent::VideoProgressed { task_id, progress } => vec![Write::new(
+            "video_tasks",
+            task_id,
+            "UPDATE video_tasks t SET progress = v.progress, status = 'processing'
+               FROM unnest($1::text[], $2::int4[]) AS v(id, progress)
+              WHERE t.id = v.id AND t.status IN ('pending', 'uncertain', 'processing')",
+            vec![Value::Int4(i32::from(*progress))],
         )],
         CreditEvent::VideoSubmissionUncertain {
             task_id,
             error_message,
-        } => vec![(
-            "UPDATE video_tasks SET status = 'uncertain', error_message = $2
-              WHERE id = $1 AND status = 'pending'",
-            vec![p(task_id.clone()), p(error_message.clone())],
+        } => vec![Write::new(
+            "video_tasks",
+            task_id,
+            "UPDATE video_tasks t SET status = 'uncertain', error_message = v.error_message
+               FROM unnest($1::text[], $2::text[]) AS v(id, error_message)
+              WHERE t.id = v.id AND t.status = 'pending'",
+            vec![text(error_message)],
         )],
         CreditEvent::VideoDeliveredAfterRefund {
             task_id,
             video_url,
             remove_watermark,
             pid,
-        } => vec![(
-            "UPDATE video_tasks SET delivered_after_refund = true, video_url = $2,
-                    remove_watermark = $3, pid = $4
-              WHERE id = $1",
+        } => vec![Write::new(
+            "video_tasks",
+            task_id,
+            "UPDATE video_tasks t
+                SET delivered_after_refund = true, video_url = v.video_url,
+                    remove_watermark = v.remove_watermark, pid = v.pid
+               FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[])
+                    AS v(id, video_url, remove_watermark, pid)
+              WHERE t.id = v.id",
             vec![
-                p(task_id.clone()),
-                p(video_url.clone()),
-                p(*remove_watermark),
-                p(pid.clone()),
+                text(video_url),
+                Value::Bool(*remove_watermark),
+                opt_text(pid),
             ],
         )],
         CreditEvent::CreditsDeducted {
@@ -448,86 +664,107 @@ fn statements_for(row: &Row) -> Vec<(&'static str, Params)> {
             video,
             ..
         } => vec![
-            (
-                "INSERT INTO consumption_records (id, user_id, video_task_id, credits, description,
-                     status, created_at)
-                 VALUES ($1, $2, $1, $3, $4, 'completed', $5)
+            Write::new(
+                "consumption_records",
+                task_id,
+                "INSERT INTO consumption_records (id, user_id, video_task_id, credits,
+                     description, status, created_at)
+                 SELECT v.id, v.user_id, v.id, v.credits, v.description, 'completed', v.at
+                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],
+                               $5::timestamptz[])
+                        AS v(id, user_id, credits, description, at)
                  ON CONFLICT (id) DO NOTHING",
-                vec![
-                    p(task_id.clone()),
-                    p(user.clone()),
-                    p(*credits),
-                    p(description.clone()),
-                    p(at),
-                ],
+                vec![user(), Value::Int8(*credits), text(description), at.clone()],
             ),
-            (
-                "INSERT INTO video_tasks (id, user_id, model, prompt, reference_url, aspect_ratio,
-                     duration, size, status, credits_charged, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10)
+            Write::new(
+                "video_tasks",
+                task_id,
+                "INSERT INTO video_tasks (id, user_id, model, prompt, reference_url,
+                     aspect_ratio, duration, size, status, credits_charged, created_at)
+                 SELECT v.id, v.user_id, v.model, v.prompt, v.reference_url, v.aspect_ratio,
+                        v.duration, v.size, 'pending', v.credits, v.at
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                               $6::text[], $7::integer[], $8::text[], $9::bigint[],
+                               $10::timestamptz[])
+                        AS v(id, user_id, model, prompt, reference_url, aspect_ratio,
+                             duration, size, credits, at)
                  ON CONFLICT (id) DO NOTHING",
                 vec![
-                    p(task_id.clone()),
-                    p(user),
-                    p(video.model.clone()),
-                    p(video.prompt.clone()),
-                    p(video.reference_url.clone()),
-                    p(video.aspect_ratio.clone()),
-                    p(i32::try_from(video.duration).unwrap_or(i32::MAX)),
-                    p(video.size.clone()),
-                    p(*credits),
-                    p(at),
+                    user(),
+                    text(&video.model),
+                    text(&video.prompt),
+                    opt_text(&video.reference_url),
+                    text(&video.aspect_ratio),
+                    Value::Int4(i32::try_from(video.duration).unwrap_or(i32::MAX)),
+                    text(&video.size),
+                    Value::Int8(*credits),
+                    at,
                 ],
             ),
         ],
         CreditEvent::VideoTaskSubmitted {
             task_id,
             provider_task_id,
-        } => vec![(
-            "UPDATE video_tasks SET provider_task_id = $2, status = 'processing'
-              WHERE id = $1 AND status IN ('pending', 'uncertain', 'processing')",
-            vec![p(task_id.clone()), p(provider_task_id.clone())],
+        } => vec![Write::new(
+            "video_tasks",
+            task_id,
+            "UPDATE video_tasks t SET provider_task_id = v.provider_task_id, status = 'processing'
+               FROM unnest($1::text[], $2::text[]) AS v(id, provider_task_id)
+              WHERE t.id = v.id AND t.status IN ('pending', 'uncertain', 'processing')",
+            vec![text(provider_task_id)],
         )],
         CreditEvent::VideoSucceeded {
             task_id,
             video_url,
             remove_watermark,
             pid,
-        } => vec![(
-            "UPDATE video_tasks SET status = 'succeeded', progress = 100, video_url = $2,
-                    remove_watermark = $3, pid = $4, completed_at = $5
-              WHERE id = $1",
+        } => vec![Write::new(
+            "video_tasks",
+            task_id,
+            "UPDATE video_tasks t
+                SET status = 'succeeded', progress = 100, video_url = v.video_url,
+                    remove_watermark = v.remove_watermark, pid = v.pid, completed_at = v.at
+               FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::timestamptz[])
+                    AS v(id, video_url, remove_watermark, pid, at)
+              WHERE t.id = v.id",
             vec![
-                p(task_id.clone()),
-                p(video_url.clone()),
-                p(*remove_watermark),
-                p(pid.clone()),
-                p(at),
+                text(video_url),
+                Value::Bool(*remove_watermark),
+                opt_text(pid),
+                at,
             ],
         )],
         CreditEvent::VideoFailed {
             task_id,
             failure_reason,
             error_message,
-        } => vec![(
-            "UPDATE video_tasks SET status = 'failed', failure_reason = $2, error_message = $3,
-                    completed_at = $4
-              WHERE id = $1",
-            vec![
-                p(task_id.clone()),
-                p(failure_reason.clone()),
-                p(error_message.clone()),
-                p(at),
-            ],
+        } => vec![Write::new(
+            "video_tasks",
+            task_id,
+            "UPDATE video_tasks t
+                SET status = 'failed', failure_reason = v.failure_reason,
+                    error_message = v.error_message, completed_at = v.at
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+                    AS v(id, failure_reason, error_message, at)
+              WHERE t.id = v.id",
+            vec![text(failure_reason), text(error_message), at],
         )],
         CreditEvent::CreditsRefunded { task_id, .. } => vec![
-            (
-                "UPDATE consumption_records SET status = 'refunded', refunded_at = $2 WHERE id = $1",
-                vec![p(task_id.clone()), p(at)],
+            Write::new(
+                "consumption_records",
+                task_id,
+                "UPDATE consumption_records c SET status = 'refunded', refunded_at = v.at
+                   FROM unnest($1::text[], $2::timestamptz[]) AS v(id, at)
+                  WHERE c.id = v.id",
+                vec![at],
             ),
-            (
-                "UPDATE video_tasks SET refunded = true WHERE id = $1",
-                vec![p(task_id.clone())],
+            Write::new(
+                "video_tasks",
+                task_id,
+                "UPDATE video_tasks t SET refunded = true
+                   FROM unnest($1::text[]) AS v(id)
+                  WHERE t.id = v.id",
+                vec![],
             ),
         ],
         CreditEvent::CreditsAdjusted { .. } => Vec::new(),

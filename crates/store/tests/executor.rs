@@ -6,6 +6,8 @@ mod common;
 use common::*;
 use credit_domain::{CreditCommand, LedgerError};
 use credit_store::ExecuteError;
+use futures::future::join_all;
+use std::collections::HashMap;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_deductions_on_two_hundred_credits() {
@@ -230,4 +232,228 @@ async fn a_command_whose_caller_goes_away_is_still_carried_through() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     panic!("the dropped command was never committed");
+}
+
+/// Accounts funded with 100 credits each, named `{prefix}-{i}`.
+async fn funded(env: &Env, prefix: &str, n: usize) -> Vec<credit_domain::UserId> {
+    let accounts: Vec<_> = (0..n).map(|i| user(&format!("{prefix}-{i:02}"))).collect();
+    for account in &accounts {
+        env.recharge(account, &format!("{account}-r1"), 100).await;
+    }
+    accounts
+}
+
+/// Commands submitted together for different accounts are decided on their own accounts and
+/// appended by one transaction. (On this single-threaded runtime, every command is queued
+/// before the committer task first runs, so they form one batch.)
+#[tokio::test]
+async fn commands_of_many_accounts_share_one_commit() {
+    let env = env().await;
+    let accounts = funded(&env, "many", 20).await;
+    let results = join_all(
+        accounts
+            .iter()
+            .map(|a| env.run(a, deduct(&format!("{a}-t1")))),
+    )
+    .await;
+    for (account, result) in accounts.iter().zip(results) {
+        let done = result.unwrap();
+        assert_eq!((done.balance, done.sequence), (90, 3), "{account}");
+        assert_eq!(done.events.len(), 1);
+        assert_eq!(done.events[0].aggregate_id, account.as_str());
+    }
+    let client = env.test.client().await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(DISTINCT xmin::text) FROM events WHERE event_type = 'CreditsDeducted'"
+        )
+        .await,
+        1,
+        "one transaction for the whole batch"
+    );
+    env.projector.drain().await.unwrap();
+    assert_projection_matches_journal(&env).await;
+}
+
+/// A batch in which another process has moved two of the accounts: only those two are
+/// decided again, the others' events are appended as decided, and nobody fails.
+#[tokio::test]
+async fn a_conflict_on_one_account_never_fails_the_others_in_its_batch() {
+    let env = env().await;
+    let other = credit_store::Ledger::new(env.test.db.write.clone());
+    let accounts = funded(&env, "race", 6).await;
+    // This process keeps every account's state at sequence 2; another one moves two of them.
+    for account in [&accounts[1], &accounts[4]] {
+        other
+            .execute(account, deduct(&format!("{account}-other")), HashMap::new())
+            .await
+            .unwrap();
+    }
+    let results = join_all(
+        accounts
+            .iter()
+            .map(|a| env.run(a, deduct(&format!("{a}-mine")))),
+    )
+    .await;
+    for (i, result) in results.into_iter().enumerate() {
+        let done = result.unwrap();
+        let moved = i == 1 || i == 4;
+        let expected = if moved { (80, 4) } else { (90, 3) };
+        assert_eq!((done.balance, done.sequence), expected, "account {i}");
+    }
+    let client = env.test.client().await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(DISTINCT xmin::text) FROM events
+              WHERE payload -> 'CreditsDeducted' ->> 'task_id' LIKE '%-mine'"
+        )
+        .await,
+        2,
+        "the four others in one commit, the two decided again in another"
+    );
+    env.projector.drain().await.unwrap();
+    assert_projection_matches_journal(&env).await;
+}
+
+/// A command whose events the database refuses (jsonb cannot store U+0000; here in its
+/// metadata, which the domain never sees) fails alone, with `ExecuteError::Store`: the other
+/// commands of its batch, on other accounts and on its own account before and after it, are
+/// committed.
+#[tokio::test]
+async fn a_command_the_database_refuses_never_fails_the_others_in_its_batch() {
+    let env = env().await;
+    let accounts = funded(&env, "nul", 8).await;
+    let poisoned: HashMap<String, String> =
+        [("request.id".to_owned(), "bad\u{0}id".to_owned())].into();
+    let mut commands: Vec<(&credit_domain::UserId, String, HashMap<String, String>)> = accounts
+        .iter()
+        .map(|a| (a, format!("{a}-a"), HashMap::new()))
+        .collect();
+    commands.insert(
+        4,
+        (
+            &accounts[3],
+            format!("{}-bad", accounts[3]),
+            poisoned.clone(),
+        ),
+    );
+    commands.push((&accounts[3], format!("{}-c", accounts[3]), HashMap::new()));
+    commands.push((&accounts[6], format!("{}-bad", accounts[6]), poisoned));
+
+    let results = join_all(
+        commands
+            .iter()
+            .map(|(a, task, metadata)| env.ledger.execute(a, deduct(task), metadata.clone())),
+    )
+    .await;
+    for ((_, task, _), result) in commands.iter().zip(&results) {
+        if task.ends_with("-bad") {
+            assert!(
+                matches!(result, Err(ExecuteError::Store(_))),
+                "{task}: {result:?}"
+            );
+        } else {
+            assert!(result.is_ok(), "{task}: {result:?}");
+        }
+    }
+    for (i, account) in accounts.iter().enumerate() {
+        let (state, _) = env.ledger.load(account).await.unwrap();
+        assert_eq!(state.balance(), if i == 3 { 80 } else { 90 }, "{account}");
+        assert!(state.task(&format!("{account}-bad")).is_none());
+    }
+    env.projector.drain().await.unwrap();
+    assert_projection_matches_journal(&env).await;
+}
+
+/// Accounts crossing a snapshot boundary inside a shared batch get their snapshots, and a
+/// fresh process (postgres-es's loader) reads them back to the replayed state.
+#[tokio::test]
+async fn snapshots_written_by_shared_batches_load_back() {
+    let env = env().await;
+    let accounts = funded(&env, "snap", 3).await;
+    // 2 events each so far; batches of one deduction per account up to past the boundary.
+    for round in 0..(credit_store::executor::SNAPSHOT_EVERY - 1) {
+        let results = join_all(accounts.iter().map(|a| {
+            env.run(
+                a,
+                CreditCommand::Adjust {
+                    adjustment_id: format!("{a}-adj{round}"),
+                    credits: 1,
+                    actor: "ops".into(),
+                    reason: "test".into(),
+                },
+            )
+        }))
+        .await;
+        for r in results {
+            r.unwrap();
+        }
+    }
+    let client = env.test.client().await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM snapshots WHERE last_sequence = 500"
+        )
+        .await,
+        3
+    );
+    let fresh = credit_store::Ledger::new(env.test.db.write.clone());
+    for account in &accounts {
+        let (loaded, sequence) = fresh.load(account).await.unwrap();
+        let mut replayed = credit_domain::CreditAccount::default();
+        let rows = client
+            .query(
+                "SELECT payload FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+                &[&account.as_str()],
+            )
+            .await
+            .unwrap();
+        for row in &rows {
+            let tokio_postgres::types::Json(e): tokio_postgres::types::Json<
+                credit_domain::CreditEvent,
+            > = row.get(0);
+            replayed.apply_event(e);
+        }
+        assert_eq!(sequence, credit_store::executor::SNAPSHOT_EVERY + 1);
+        assert_eq!(loaded, replayed);
+        assert_eq!(loaded.balance(), 100 + 499);
+    }
+    // A fresh process's executor loads all three (snapshot and the event after it) in one
+    // batch, and carries on from there.
+    let results = join_all(accounts.iter().map(|a| {
+        fresh.execute(
+            a,
+            CreditCommand::Adjust {
+                adjustment_id: format!("{a}-last"),
+                credits: 1,
+                actor: "ops".into(),
+                reason: "test".into(),
+            },
+            HashMap::new(),
+        )
+    }))
+    .await;
+    for r in results {
+        let done = r.unwrap();
+        assert_eq!((done.balance, done.sequence), (100 + 500, 502));
+    }
+
+    // A snapshot that no longer reads as an account (an older shape) is not trusted: the
+    // account is rebuilt from its journal.
+    client
+        .execute(
+            "UPDATE snapshots SET payload = '{\"old\": true}' WHERE aggregate_id = $1",
+            &[&accounts[0].as_str()],
+        )
+        .await
+        .unwrap();
+    let another = credit_store::Ledger::new(env.test.db.write.clone());
+    let done = another
+        .execute(&accounts[0], deduct("after-upgrade"), HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!((done.balance, done.sequence), (100 + 500 - 10, 503));
 }
