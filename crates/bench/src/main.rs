@@ -135,7 +135,7 @@ async fn connect(args: &Args, url: &str) -> anyhow::Result<Database> {
 
 async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
     let database = connect(args, url).await?;
-    let setup = database.read.get().await?;
+    let mut setup = database.read.get().await?;
     let max_workers = args.workers.iter().copied().max().unwrap_or(1);
     let plain_pool = db::read_pool(url, max_workers)?;
 
@@ -222,7 +222,7 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
     running.await?;
 
     // The ledger's own books must still balance after all that.
-    let report = credit_store::audit::run(&setup, None).await?;
+    let report = credit_store::audit::run(&mut setup, None).await?;
     println!(
         "audit after the runs: ok={} over {} events ({} discrepancies)",
         report.ok,
@@ -301,7 +301,7 @@ impl AuditFigures {
 
 async fn audit(args: &Args, url: &str) -> anyhow::Result<AuditFigures> {
     let database = connect(args, url).await?;
-    let client = database.read.get().await?;
+    let mut client = database.read.get().await?;
     println!();
     println!(
         "audit: building a journal of {} events over {} accounts ...",
@@ -326,7 +326,7 @@ async fn audit(args: &Args, url: &str) -> anyhow::Result<AuditFigures> {
         projected as f64 / project_seconds
     );
     client.batch_execute("VACUUM ANALYZE").await?;
-    let report = credit_store::audit::run(&client, None).await?;
+    let report = credit_store::audit::run(&mut client, None).await?;
     println!(
         "  audit::run: ok={} events={} accounts={} in {:.2} s = {:.0} events/s",
         report.ok,

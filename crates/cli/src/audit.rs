@@ -1,10 +1,14 @@
 //! `credit-ledger audit` and `audit balance`: the report for auditors, as text or JSON.
 
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
 use credit_domain::{CreditEvent, UserId};
 use credit_store::audit::{self, AuditReport};
+use credit_store::checkpoint::{self, Checkpoint, Parsed, SigningKey, VerifyingKey};
 use deadpool_postgres::Pool;
 use serde::Serialize;
 
@@ -17,39 +21,205 @@ struct JsonReport<'a> {
     #[serde(flatten)]
     report: &'a AuditReport,
     events_per_second: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint_file: Option<&'a CheckpointOutcome>,
 }
 
-pub async fn full(pool: &Pool, json: bool) -> anyhow::Result<ExitCode> {
-    let client = pool.get().await?;
+/// `--checkpoint` and the keys, read and checked before the audit starts.
+pub struct CheckpointArgs {
+    path: PathBuf,
+    /// The file as it was, when there was one.
+    existing: Option<Parsed>,
+    signing: Option<SigningKey>,
+}
+
+impl CheckpointArgs {
+    /// `AUDIT_SIGNING_KEY` (secret seed, hex) signs a new checkpoint; it or `public_key`
+    /// (hex) is the key an existing checkpoint must be signed with.
+    pub fn from_env(
+        path: Option<PathBuf>,
+        public_key: Option<&str>,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(path) = path else {
+            return Ok(None);
+        };
+        let signing = match std::env::var("AUDIT_SIGNING_KEY") {
+            Ok(raw) if !raw.trim().is_empty() => Some(checkpoint::signing_key_from_hex(&raw)?),
+            _ => None,
+        };
+        let trusted: Option<VerifyingKey> = match (&signing, public_key) {
+            (Some(key), _) => Some(key.verifying_key()),
+            (None, Some(raw)) if !raw.trim().is_empty() => {
+                Some(checkpoint::verifying_key_from_hex(raw)?)
+            }
+            _ => None,
+        };
+        let existing = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(
+                Checkpoint::parse(&text, trusted.as_ref())
+                    .with_context(|| format!("checkpoint {}", path.display()))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Some(Self {
+            path,
+            existing,
+            signing,
+        }))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum CheckpointAction {
+    /// The journal holds and extends every head of the existing file.
+    Verified,
+    /// It does not: see the `checkpoint_` discrepancies.
+    Broken,
+    /// There was no file; this clean audit wrote one.
+    Written,
+    /// There was no file, and the audit found discrepancies: none written.
+    NotWritten,
+}
+
+/// What happened to the checkpoint file.
+#[derive(Serialize)]
+struct CheckpointOutcome {
+    path: String,
+    action: CheckpointAction,
+    accounts: u64,
+    position: i64,
+    root: String,
+    /// Hex public key, when signed.
+    signed_by: Option<String>,
+}
+
+pub async fn full(
+    pool: &Pool,
+    json: bool,
+    checkpoint: Option<CheckpointArgs>,
+) -> anyhow::Result<ExitCode> {
+    let mut client = pool.get().await?;
+    let against = checkpoint
+        .as_ref()
+        .and_then(|c| c.existing.as_ref())
+        .map(|p| &p.checkpoint);
     let bar = progress::bar(0, "auditing");
     let report = match &bar {
-        None => audit::run(&client, None).await?,
+        None => audit::run_against(&mut client, None, against).await?,
         Some(bar) => {
             let update = |done: u64, total: u64| {
                 bar.set_length(total);
                 bar.set_position(done);
             };
-            audit::run(&client, Some(&update)).await?
+            audit::run_against(&mut client, Some(&update), against).await?
         }
     };
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let outcome = match checkpoint {
+        None => None,
+        Some(args) => Some(settle_checkpoint(args, &report)?),
+    };
     let rate = report.events_checked as f64 / report.elapsed_seconds.max(1e-9);
     if json {
         let out = JsonReport {
             report: &report,
             events_per_second: rate,
+            checkpoint_file: outcome.as_ref(),
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print!("{}", summary(&report, rate));
+        if let Some(outcome) = &outcome {
+            println!("{}", checkpoint_line(outcome));
+        }
     }
     Ok(if report.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_DISCREPANCIES)
     })
+}
+
+/// Verified against the existing file, or writes a new one (only after a clean audit: a
+/// checkpoint vouches for the journal it records).
+fn settle_checkpoint(
+    args: CheckpointArgs,
+    report: &AuditReport,
+) -> anyhow::Result<CheckpointOutcome> {
+    let path = args.path.display().to_string();
+    if let Some(existing) = args.existing {
+        let held = !report
+            .discrepancies
+            .iter()
+            .any(|d| d.kind.starts_with("checkpoint_"));
+        return Ok(CheckpointOutcome {
+            path,
+            action: if held {
+                CheckpointAction::Verified
+            } else {
+                CheckpointAction::Broken
+            },
+            accounts: existing.checkpoint.heads.len() as u64,
+            position: existing.checkpoint.position,
+            root: hex::encode(existing.root),
+            signed_by: existing.signed_by.map(|k| hex::encode(k.as_bytes())),
+        });
+    }
+    let heads = &report.heads;
+    let mut outcome = CheckpointOutcome {
+        path,
+        action: CheckpointAction::NotWritten,
+        accounts: heads.heads.len() as u64,
+        position: heads.position,
+        root: hex::encode(heads.root()),
+        signed_by: args
+            .signing
+            .as_ref()
+            .map(|k| hex::encode(k.verifying_key().as_bytes())),
+    };
+    if report.ok {
+        let text = heads.to_text(args.signing.as_ref());
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&args.path)
+            .with_context(|| format!("creating {}", args.path.display()))?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", args.path.display()))?;
+        outcome.action = CheckpointAction::Written;
+    }
+    Ok(outcome)
+}
+
+fn checkpoint_line(o: &CheckpointOutcome) -> String {
+    let signed = match &o.signed_by {
+        Some(key) => format!("signed by {key}"),
+        None => "unsigned".to_owned(),
+    };
+    let what = format!(
+        "{} accounts at position {}, root {}, {signed}",
+        o.accounts, o.position, o.root
+    );
+    match o.action {
+        CheckpointAction::Verified => format!(
+            "checkpoint         {}: every head held and extended ({what})",
+            o.path
+        ),
+        CheckpointAction::Broken => format!(
+            "checkpoint         {}: NOT held, see the checkpoint_ discrepancies ({what})",
+            o.path
+        ),
+        CheckpointAction::Written => format!("checkpoint         written to {} ({what})", o.path),
+        CheckpointAction::NotWritten => format!(
+            "checkpoint         not written to {}: the audit found discrepancies",
+            o.path
+        ),
+    }
 }
 
 fn summary(report: &AuditReport, rate: f64) -> String {

@@ -32,6 +32,9 @@ pub enum Command {
     Migrate,
     /// Replay the whole journal and verify balances, projections and totals.
     Audit(AuditArgs),
+    /// Write the journal (or one account, or a position range) as JSON Lines with hashes,
+    /// for independent verification (docs/AUDITING.md, tools/verify_export.py).
+    Export(ExportArgs),
     /// Maintain the read tables.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
@@ -55,8 +58,35 @@ pub struct AuditArgs {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Checkpoint file. Missing: a clean audit writes one there (signed with Ed25519 when
+    /// AUDIT_SIGNING_KEY holds a 32-byte seed as 64 hex digits). Present: the audit also
+    /// proves the journal still holds and extends every head it recorded (exit 1 if not).
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: Option<std::path::PathBuf>,
+
+    /// Ed25519 public key (64 hex digits) that must have signed the checkpoint. Implied by
+    /// AUDIT_SIGNING_KEY.
+    #[arg(long, value_name = "HEX", env = "AUDIT_PUBLIC_KEY")]
+    pub public_key: Option<String>,
+
     #[command(subcommand)]
     pub command: Option<AuditCommand>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only this account's events.
+    #[arg(long, value_parser = parse_user)]
+    pub account: Option<UserId>,
+    /// First global position included.
+    #[arg(long, value_name = "POS")]
+    pub from: Option<i64>,
+    /// Last global position included.
+    #[arg(long, value_name = "POS")]
+    pub to: Option<i64>,
+    /// Write here instead of to standard output (the file must not exist).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,7 @@ use anyhow::Context;
 use credit_store::{db, projector, Projector};
 use deadpool_postgres::Pool;
 
-use crate::cli::{AuditCommand, Cli, Command, ProjectionsCommand};
+use crate::cli::{AuditCommand, Cli, Command, ExportArgs, ProjectionsCommand};
 use crate::{audit, progress, reconcile, serve};
 
 /// The audit found discrepancies.
@@ -26,12 +26,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(args) => {
             let pool = connect(&url).await?;
             match args.command {
-                None => audit::full(&pool, args.json).await,
+                None => {
+                    let checkpoint = audit::CheckpointArgs::from_env(
+                        args.checkpoint,
+                        args.public_key.as_deref(),
+                    )?;
+                    audit::full(&pool, args.json, checkpoint).await
+                }
                 Some(AuditCommand::Balance { user, at }) => {
+                    anyhow::ensure!(
+                        args.checkpoint.is_none(),
+                        "--checkpoint belongs to the full audit, not to `audit balance`"
+                    );
                     audit::balance(&pool, &user, at, args.json).await
                 }
             }
         }
+        Command::Export(args) => export(&url, args).await,
         Command::Projections(ProjectionsCommand::Rebuild) => rebuild(&url).await,
         Command::Reconcile { since, json } => {
             let pool = connect(&url).await?;
@@ -72,6 +83,30 @@ async fn migrate(url: &str) -> anyhow::Result<ExitCode> {
         }
         println!("migrations: {} applied now", applied.len());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export(url: &str, args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let pool = connect(url).await?;
+    let mut client = pool.get().await?;
+    let filter = credit_store::export::Filter {
+        account: args.account.map(|a| a.as_str().to_owned()),
+        from: args.from,
+        to: args.to,
+    };
+    let mut out: Box<dyn std::io::Write> = match &args.output {
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?,
+        )),
+    };
+    let events = credit_store::export::write(&mut client, &filter, &mut out).await?;
+    drop(out);
+    tracing::info!(events, "journal exported");
     Ok(ExitCode::SUCCESS)
 }
 

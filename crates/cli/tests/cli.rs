@@ -581,3 +581,430 @@ async fn reconcile_lists_every_difference_with_stripe() {
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     assert!(stdout(&out).contains("OK: the ledger and Stripe agree"));
 }
+
+const SEED: &str = "0707070707070707070707070707070707070707070707070707070707070707";
+
+async fn credit_ledger_env(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .env_remove("AUDIT_SIGNING_KEY")
+        .env_remove("AUDIT_PUBLIC_KEY")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A path for a checkpoint file that does not exist yet, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "credit-ledger-{name}-{}-{}",
+            std::process::id(),
+            uuid_like()
+        ));
+        let _ = std::fs::remove_file(&path);
+        Self(path)
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn uuid_like() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test]
+async fn audit_writes_a_signed_checkpoint_then_verifies_the_journal_extends_it() {
+    let db = ledger_with_history().await;
+    let file = TempFile::new("extends");
+    let key = credit_store::checkpoint::signing_key_from_hex(SEED).unwrap();
+    let public = hex::encode(key.verifying_key().as_bytes());
+
+    let out = credit_ledger_env(
+        &db.url,
+        &["audit", "--checkpoint", file.arg()],
+        &[("AUDIT_SIGNING_KEY", SEED)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("checkpoint         written to {}", file.arg())),
+        "{}",
+        stdout(&out)
+    );
+    let text = std::fs::read_to_string(&file.0).unwrap();
+    assert!(text.starts_with("credit-ledger checkpoint 1\n"), "{text}");
+    assert!(text.contains("\naccounts 2\nhead alice 6 "), "{text}");
+    assert!(text.contains("\nhead bob 2 "), "{text}");
+    assert!(
+        text.contains(&format!("\nsignature ed25519 {public} ")),
+        "{text}"
+    );
+
+    // The journal grows (a new event for alice, a new account): it extends the checkpoint.
+    let ledger = Ledger::new(db.db.write.clone());
+    for account in ["alice", "carol"] {
+        ledger
+            .execute(
+                &UserId::parse(account).unwrap(),
+                CreditCommand::Adjust {
+                    adjustment_id: format!("adj-{account}"),
+                    credits: 5,
+                    actor: "test".into(),
+                    reason: "goodwill".into(),
+                },
+                HashMap::new(),
+            )
+            .await
+            .unwrap();
+    }
+    Projector::new(db.db.read.clone(), ledger.appended())
+        .drain()
+        .await
+        .unwrap();
+    // Verified with the public key alone (an auditor need not hold the secret).
+    let out = credit_ledger_env(
+        &db.url,
+        &["audit", "--checkpoint", file.arg(), "--json"],
+        &[("AUDIT_PUBLIC_KEY", &public)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["checkpoint_file"]["action"], "verified");
+    assert_eq!(json["checkpoint_file"]["signed_by"], public.as_str());
+    assert_eq!(json["checkpoint"]["accounts"], 2);
+
+    // Another key, or an edited file, is refused outright: the checkpoint cannot be trusted.
+    let other = "08".repeat(32);
+    let out = credit_ledger_env(
+        &db.url,
+        &["audit", "--checkpoint", file.arg()],
+        &[("AUDIT_SIGNING_KEY", &other)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not by the expected key"));
+    std::fs::write(&file.0, text.replace("\nhead bob 2 ", "\nhead bob 1 ")).unwrap();
+    let out = credit_ledger_env(&db.url, &["audit", "--checkpoint", file.arg()], &[]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root hash does not match"));
+
+    // No checkpoint is written over a journal the audit finds fault with.
+    let fresh = TempFile::new("refused");
+    db.client()
+        .await
+        .batch_execute("UPDATE users SET credits = 1 WHERE id = 'bob'")
+        .await
+        .unwrap();
+    let out = credit_ledger_env(&db.url, &["audit", "--checkpoint", fresh.arg()], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("checkpoint         not written"));
+    assert!(!fresh.0.exists());
+}
+
+/// What the hash chain alone cannot see, once `projections rebuild` has erased every trace
+/// from the read tables: a deleted last event (bob), a truncated account (alice), and a
+/// history rewritten with recomputed hashes (carol). The checkpoint sees all three.
+#[tokio::test]
+async fn a_checkpoint_catches_deleted_heads_truncation_and_recomputed_rewrites() {
+    let db = ledger_with_history().await;
+    let ledger = Ledger::new(db.db.write.clone());
+    let carol = UserId::parse("carol").unwrap();
+    ledger
+        .execute(
+            &carol,
+            CreditCommand::Adjust {
+                adjustment_id: "adj-carol".into(),
+                credits: 100,
+                actor: "test".into(),
+                reason: "welcome".into(),
+            },
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+    ledger
+        .execute(&carol, deduct("carol-t1"), HashMap::new())
+        .await
+        .unwrap();
+    Projector::new(db.db.read.clone(), ledger.appended())
+        .drain()
+        .await
+        .unwrap();
+    let file = TempFile::new("tamper");
+    let out = credit_ledger(&db.url, &["audit", "--checkpoint", file.arg()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    db.tamper("DELETE FROM events WHERE aggregate_id = 'bob' AND sequence = 2")
+        .await;
+    db.tamper("DELETE FROM events WHERE aggregate_id = 'alice' AND sequence >= 4")
+        .await;
+    // Rewrite carol's deduction (a non-money field) and recompute every hash after it, exactly
+    // as the insert trigger would have.
+    db.tamper(
+        "UPDATE events SET payload = jsonb_set(payload, '{CreditsDeducted,description}', '\"rewritten\"')
+          WHERE aggregate_id = 'carol' AND sequence = 2",
+    )
+    .await;
+    db.tamper(
+        "DO $$
+         DECLARE e events; prev bytea := '\\x';
+         BEGIN
+           FOR e IN SELECT * FROM events WHERE aggregate_id = 'carol' ORDER BY sequence LOOP
+             e.hash := sha256(prev || convert_to(event_canonical(e), 'UTF8'));
+             UPDATE events SET hash = e.hash
+              WHERE aggregate_type = e.aggregate_type AND aggregate_id = e.aggregate_id
+                AND sequence = e.sequence;
+             prev := e.hash;
+           END LOOP;
+         END $$",
+    )
+    .await;
+    let out = credit_ledger(&db.url, &["projections", "rebuild"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    // Without the checkpoint, nothing is left to see.
+    let out = credit_ledger(&db.url, &["audit"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    let out = credit_ledger(&db.url, &["audit", "--checkpoint", file.arg()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("FAILED: 3 discrepancies"), "{text}");
+    for (kind, account, detail) in [
+        (
+            "checkpoint_head_missing",
+            "alice",
+            "recorded sequence 6 (hash ",
+        ),
+        (
+            "checkpoint_head_missing",
+            "bob",
+            "recorded sequence 2 (hash ",
+        ),
+        ("checkpoint_head_changed", "carol", "was rewritten"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{kind} account={account} "))
+                && l.contains(detail)),
+            "{kind} {account}: {text}"
+        );
+    }
+    assert!(text.contains("the journal ends at sequence 3"), "{text}");
+    assert!(text.contains("the journal ends at sequence 1"), "{text}");
+    assert!(text.contains("NOT held"), "{text}");
+}
+
+const VERIFIER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/verify_export.py");
+
+async fn verify_export(export: &str, extra: &[&str]) -> Output {
+    tokio::process::Command::new("python3")
+        .arg(VERIFIER)
+        .arg(export)
+        .args(extra)
+        .output()
+        .await
+        .expect("python3 must be installed to run the independent verifier")
+}
+
+fn edit_lines(path: &std::path::Path, edit: impl Fn(&mut serde_json::Value) -> bool) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let out: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            edit(&mut v).then(|| v.to_string())
+        })
+        .collect();
+    std::fs::write(path, out.join("\n") + "\n").unwrap();
+}
+
+/// The Python verifier (standard library only) recomputes every chain and balance from an
+/// export the binary wrote, checks the signed checkpoint, and catches tampering with the
+/// export itself and with the journal before the checkpoint.
+#[tokio::test]
+async fn an_export_is_verified_independently_against_a_signed_checkpoint() {
+    let db = ledger_with_history().await;
+    let key = credit_store::checkpoint::signing_key_from_hex(SEED).unwrap();
+    let public = hex::encode(key.verifying_key().as_bytes());
+    let checkpoint = TempFile::new("py-checkpoint");
+    let out = credit_ledger_env(
+        &db.url,
+        &["audit", "--checkpoint", checkpoint.arg()],
+        &[("AUDIT_SIGNING_KEY", SEED)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    // The journal moves on after the checkpoint.
+    let ledger = Ledger::new(db.db.write.clone());
+    ledger
+        .execute(
+            &UserId::parse("bob").unwrap(),
+            CreditCommand::Adjust {
+                adjustment_id: "adj-bob".into(),
+                credits: 5,
+                actor: "test".into(),
+                reason: "goodwill".into(),
+            },
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+
+    let export = TempFile::new("export");
+    let out = credit_ledger(&db.url, &["export", "--output", export.arg()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let ck = ["--checkpoint", checkpoint.arg(), "--public-key", &public];
+    let out = verify_export(export.arg(), &ck).await;
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("events verified    9 (2 accounts)"), "{text}");
+    assert!(
+        text.contains("recharged 600 - spent 20 + refunded 10 + granted 5 - reversed 0"),
+        "{text}"
+    );
+    assert!(text.contains("balances           595"), "{text}");
+    assert!(text.contains("2 of 2 heads found"), "{text}");
+    assert!(text.contains(&format!("signed by {public}")), "{text}");
+
+    // One account, and a position range: chains checked from their first exported event.
+    let alice = credit_ledger(&db.url, &["export", "--account", "alice"]).await;
+    assert_eq!(alice.status.code(), Some(0));
+    assert_eq!(
+        stdout(&alice).lines().count(),
+        6 + 2,
+        "header, 6 events, end"
+    );
+    let range = TempFile::new("range");
+    let out = credit_ledger(
+        &db.url,
+        &["export", "--from", "4", "--to", "7", "-o", range.arg()],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let out = verify_export(range.arg(), &ck).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("partial export"), "{}", stdout(&out));
+
+    // Tampering with the export: an edited amount breaks the hash and the balance.
+    let edited = TempFile::new("edited");
+    std::fs::copy(&export.0, &edited.0).unwrap();
+    edit_lines(&edited.0, |v| {
+        if v["event_type"] == "CreditsDeducted" && v["sequence"] == 3 {
+            let p = v["payload"]
+                .as_str()
+                .unwrap()
+                .replace("\"credits\": 10", "\"credits\": 1");
+            v["payload"] = p.into();
+        }
+        true
+    });
+    let out = verify_export(edited.arg(), &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("(account alice, sequence 3, ")
+                && l.ends_with("hash mismatch (content or chain edited)")),
+        "{text}"
+    );
+    assert!(
+        text.contains("balance_after is 490, but 500 -1 = 499"),
+        "{text}"
+    );
+
+    // A dropped event (the end count fixed up to hide it): the chain breaks.
+    let dropped = TempFile::new("dropped");
+    std::fs::copy(&export.0, &dropped.0).unwrap();
+    edit_lines(&dropped.0, |v| {
+        if v["end"] == true {
+            v["events"] = 8.into();
+        }
+        !(v["aggregate_id"] == "alice" && v["sequence"] == 4)
+    });
+    let out = verify_export(dropped.arg(), &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("expected sequence 4"),
+        "{}",
+        stdout(&out)
+    );
+
+    // The journal rewritten before the checkpoint with recomputed hashes: the export alone
+    // is consistent, the checkpoint is not held.
+    db.tamper(
+        "UPDATE events SET payload = jsonb_set(payload, '{RechargeRequested,provider}', '\"x\"')
+          WHERE aggregate_id = 'bob' AND sequence = 1",
+    )
+    .await;
+    db.tamper(
+        "DO $$
+         DECLARE e events; prev bytea := '\\x';
+         BEGIN
+           FOR e IN SELECT * FROM events WHERE aggregate_id = 'bob' ORDER BY sequence LOOP
+             e.hash := sha256(prev || convert_to(event_canonical(e), 'UTF8'));
+             UPDATE events SET hash = e.hash
+              WHERE aggregate_type = e.aggregate_type AND aggregate_id = e.aggregate_id
+                AND sequence = e.sequence;
+             prev := e.hash;
+           END LOOP;
+         END $$",
+    )
+    .await;
+    let rewritten = TempFile::new("rewritten");
+    let out = credit_ledger(&db.url, &["export", "-o", rewritten.arg()]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        verify_export(rewritten.arg(), &[]).await.status.code(),
+        Some(0)
+    );
+    let out = verify_export(rewritten.arg(), &ck).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("checkpoint: account bob sequence 2 was rewritten"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A checkpoint edited by hand, or checked against another key, is refused outright.
+    let wrong_key = hex::encode(
+        credit_store::checkpoint::signing_key_from_hex(&"08".repeat(32))
+            .unwrap()
+            .verifying_key()
+            .as_bytes(),
+    );
+    let out = verify_export(
+        export.arg(),
+        &["--checkpoint", checkpoint.arg(), "--public-key", &wrong_key],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let cp = std::fs::read_to_string(&checkpoint.0).unwrap();
+    std::fs::write(&checkpoint.0, cp.replace("\nevents 8\n", "\nevents 7\n")).unwrap();
+    let out = verify_export(export.arg(), &ck).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root hash does not match"));
+}

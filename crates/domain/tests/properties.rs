@@ -467,7 +467,7 @@ fn check_sequence(ops: &[Op]) -> Result<(), TestCaseError> {
             // What the money says: a credited recharge has lost exactly the credits for
             // min(paid, refunded + disputed and not won).
             if completed {
-                let held: i64 = recharge
+                let held: i128 = recharge
                     .disputes
                     .values()
                     .filter(|d| {
@@ -476,11 +476,12 @@ fn check_sequence(ops: &[Op]) -> Result<(), TestCaseError> {
                             DisputeStage::Open | DisputeStage::FundsWithdrawn | DisputeStage::Lost
                         )
                     })
-                    .map(|d| d.amount_fen)
+                    .map(|d| i128::from(d.amount_fen))
                     .sum();
-                let taken = (recharge.refunded_fen + held).min(recharge.amount_fen);
-                let expected = i128::from(recharge.credits) * i128::from(taken)
-                    / i128::from(recharge.amount_fen);
+                let taken =
+                    (i128::from(recharge.refunded_fen) + held).min(i128::from(recharge.amount_fen));
+                let expected =
+                    i128::from(recharge.credits) * taken / i128::from(recharge.amount_fen);
                 prop_assert_eq!(i128::from(recharge.reversed_credits), expected);
             }
         }

@@ -102,7 +102,6 @@ impl Application {
             config,
             db: db.clone(),
             ledger: ledger.clone(),
-            projector: projector.clone(),
             payments,
             video,
             jwt,

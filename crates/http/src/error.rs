@@ -114,7 +114,40 @@ impl From<anyhow::Error> for ApiError {
 
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::internal(e)
+        use deadpool_postgres::PoolError as E;
+        match e {
+            // No connection within the pool's wait (every one held by slow queries), or none
+            // could be opened (the database is down or restarting). Nothing was done yet: the
+            // client may retry, so say so instead of a 500 (crates/http/tests/faults.rs).
+            E::Timeout(_) | E::Backend(_) => {
+                tracing::warn!(error = %e, "database unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is unavailable or overloaded; nothing was done, retry shortly",
+                )
+            }
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl ApiError {
+    /// A read-side failure: the database going away is `database_unavailable` (503, nothing
+    /// was done), anything else a 500.
+    pub fn from_store(e: anyhow::Error) -> Self {
+        match e.downcast::<tokio_postgres::Error>() {
+            Ok(db) if db.is_closed() || db.as_db_error().is_none() => {
+                tracing::warn!(error = %db, "database unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is unavailable or overloaded; nothing was done, retry shortly",
+                )
+            }
+            Ok(db) => Self::internal(db),
+            Err(other) => Self::internal(format!("{other:#}")),
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use credit_domain::ports::{PaymentProvider, VideoProvider};
 use credit_domain::UserId;
-use credit_store::{Database, Ledger, Projector};
+use credit_store::{Database, Ledger};
 
 use crate::auth::JwtKeys;
 use crate::config::Config;
@@ -13,8 +13,6 @@ pub struct AppState {
     pub config: Config,
     pub db: Database,
     pub ledger: Arc<Ledger>,
-    /// For read-your-writes: a user's reads first bring that account's projection up to date.
-    pub projector: Projector,
     /// `None` in demo payment mode: recharges complete at once.
     pub payments: Option<Arc<dyn PaymentProvider>>,
     pub video: Arc<dyn VideoProvider>,
@@ -35,7 +33,10 @@ impl AppState {
         &self,
         user: &UserId,
     ) -> Result<deadpool_postgres::Object, crate::error::ApiError> {
-        self.projector.catch_up(user.as_str()).await?;
-        self.read().await
+        let mut client = self.read().await?;
+        credit_store::projector::catch_up(&mut client, user.as_str())
+            .await
+            .map_err(crate::error::ApiError::from_store)?;
+        Ok(client)
     }
 }

@@ -183,6 +183,29 @@ async fn the_audit_is_clean_after_every_kind_of_flow() {
 }
 
 #[tokio::test]
+async fn the_admin_api_hands_out_the_current_checkpoint() {
+    let app = TestApp::spawn().await;
+    let u = user("checkpointed");
+    let token = app.token(&u);
+    app.grant(&u, 100).await;
+    app.generate_ok(&token, "a fox").await;
+    app.wait_for_balance(&token, 90).await;
+    app.wait_projected().await;
+
+    let r = app.admin_get("/api/admin/audit/checkpoint").await;
+    r.expect(200);
+    let parsed = credit_store::checkpoint::Checkpoint::parse(&r.text, None).unwrap();
+    let head = &parsed.checkpoint.heads[u.as_str()];
+    assert_eq!(head.sequence, 3, "{}", r.text);
+    assert_eq!(parsed.checkpoint.events, 3);
+    assert!(parsed.signed_by.is_none());
+
+    app.get("/api/admin/audit/checkpoint", Some(&token))
+        .await
+        .expect_error(401, "invalid_admin_token");
+}
+
+#[tokio::test]
 async fn health_readiness_and_openapi() {
     let app = TestApp::spawn().await;
     let r = app.get("/healthz", None).await;
@@ -226,6 +249,7 @@ async fn openapi_describes_every_endpoint() {
         "/api/admin/accounts/{user_id}/balance",
         "/api/admin/accounts/{user_id}/adjustments",
         "/api/admin/audit",
+        "/api/admin/audit/checkpoint",
         "/healthz",
         "/readyz",
     ] {

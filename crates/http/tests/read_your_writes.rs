@@ -20,7 +20,7 @@ async fn get(app: &TestApp, url: String, token: &str) -> Value {
 #[tokio::test]
 async fn after_an_answer_the_next_read_on_another_process_shows_it() {
     let app = TestApp::spawn().await;
-    let other = app.replica().await;
+    let other = app.spawn_sibling().await;
     let u = user("rywy");
     let token = app.token(&u);
     app.adjust(&u, (ROUNDS as i64) * 10, "videos to generate")

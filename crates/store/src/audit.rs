@@ -5,6 +5,11 @@
 //! sequences, each money event's `balance_after` = previous balance + its delta, the
 //! projected balance and records against the replay; and in total: recharged − spent +
 //! refunded + granted − reversed = the sum of balances.
+//!
+//! Everything is read in one `REPEATABLE READ READ ONLY` transaction: the journal, the outbox
+//! and the read tables come from the same snapshot, so on a live system the audit compares
+//! like with like (an account whose outbox rows are pending in that snapshot is not compared
+//! with its read tables), and never reports a discrepancy that is only a race.
 
 use std::collections::HashMap;
 
@@ -14,14 +19,17 @@ use credit_domain::CreditEvent;
 use futures::{pin_mut, TryStreamExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, IsolationLevel, Transaction};
+
+use crate::checkpoint::{Checkpoint, Head, HeadCheck};
 
 /// One thing the audit found wrong.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Discrepancy {
     /// Stable code: `hash_mismatch`, `sequence_gap`, `balance_mismatch`, `bad_payload`,
     /// `projected_balance_mismatch`, `missing_user`, `unknown_user`, `missing_record`,
-    /// `record_mismatch`, `unknown_record`, `totals_mismatch`.
+    /// `record_mismatch`, `unknown_record`, `totals_mismatch`; against a checkpoint also
+    /// `checkpoint_head_changed` and `checkpoint_head_missing`.
     pub kind: &'static str,
     pub account: Option<String>,
     /// Global position of the event concerned, when there is one.
@@ -71,11 +79,28 @@ pub struct AuditReport {
     pub totals: Totals,
     pub discrepancies: Vec<Discrepancy>,
     pub elapsed_seconds: f64,
+    /// The checkpoint this audit was checked against, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointChecked>,
+    /// Every account's head in this audit's snapshot: the next checkpoint.
+    #[serde(skip)]
+    pub heads: Checkpoint,
+}
+
+/// What an audit against a checkpoint covered (its findings are among the discrepancies:
+/// `checkpoint_head_changed`, `checkpoint_head_missing`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointChecked {
+    pub created: DateTime<Utc>,
+    pub position: i64,
+    pub accounts: u64,
+    pub root: String,
 }
 
 #[derive(Default)]
 struct AccountState {
     last_sequence: i64,
+    last_position: i64,
     last_hash: Vec<u8>,
     balance: i64,
 }
@@ -100,8 +125,39 @@ struct Expected {
 /// Progress callback: (events done, events in total).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
-/// Runs the whole audit.
-pub async fn run(client: &Client, progress: Option<Progress<'_>>) -> anyhow::Result<AuditReport> {
+/// Runs the whole audit, in one read-only snapshot.
+pub async fn run(
+    client: &mut Client,
+    progress: Option<Progress<'_>>,
+) -> anyhow::Result<AuditReport> {
+    run_against(client, progress, None).await
+}
+
+/// Runs the whole audit, and also proves that the journal still holds and extends every head
+/// the checkpoint recorded.
+pub async fn run_against(
+    client: &mut Client,
+    progress: Option<Progress<'_>>,
+    checkpoint: Option<&Checkpoint>,
+) -> anyhow::Result<AuditReport> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .context("starting the audit's snapshot")?;
+    let report = replay(&tx, progress, checkpoint).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// The audit proper, inside the snapshot `run` opened.
+async fn replay(
+    client: &Transaction<'_>,
+    progress: Option<Progress<'_>>,
+    checkpoint: Option<&Checkpoint>,
+) -> anyhow::Result<AuditReport> {
     let started = std::time::Instant::now();
     let total: i64 = client
         .query_one("SELECT count(*) FROM events", &[])
@@ -112,6 +168,8 @@ pub async fn run(client: &Client, progress: Option<Progress<'_>>) -> anyhow::Res
     let mut expected = Expected::default();
     let mut totals = Totals::default();
     let mut checked = 0u64;
+    let mut last_position = 0i64;
+    let mut head_check = checkpoint.map(HeadCheck::new);
 
     let stream = client
         .query_raw(
@@ -186,7 +244,12 @@ pub async fn run(client: &Client, progress: Option<Progress<'_>>) -> anyhow::Res
             ));
         }
         state.last_sequence = sequence;
+        state.last_position = position;
         state.last_hash = stored_hash.to_vec();
+        last_position = position;
+        if let Some(check) = head_check.as_mut() {
+            discrepancies.extend(check.observe(account, sequence, position, stored_hash));
+        }
 
         let event: CreditEvent = match serde_json::from_str(payload) {
             Ok(e) => e,
@@ -212,6 +275,10 @@ pub async fn run(client: &Client, progress: Option<Progress<'_>>) -> anyhow::Res
     }
     if let Some(progress) = progress {
         progress(checked, total as u64);
+    }
+
+    if let Some(check) = head_check {
+        discrepancies.extend(check.finish(|a| accounts.get(a).map(|s| s.last_sequence)));
     }
 
     totals.balances = accounts.values().map(|a| a.balance).sum();
@@ -255,6 +322,22 @@ pub async fn run(client: &Client, progress: Option<Progress<'_>>) -> anyhow::Res
     )
     .await?;
 
+    let heads = Checkpoint {
+        created: Utc::now(),
+        position: last_position,
+        events: checked,
+        heads: accounts
+            .iter()
+            .map(|(id, s)| {
+                let head = Head {
+                    sequence: s.last_sequence,
+                    position: s.last_position,
+                    hash: s.last_hash.clone(),
+                };
+                (id.clone(), head)
+            })
+            .collect(),
+    };
     Ok(AuditReport {
         ok: discrepancies.is_empty(),
         events_checked: checked,
@@ -263,6 +346,13 @@ pub async fn run(client: &Client, progress: Option<Progress<'_>>) -> anyhow::Res
         totals,
         discrepancies,
         elapsed_seconds: started.elapsed().as_secs_f64(),
+        checkpoint: checkpoint.map(|c| CheckpointChecked {
+            created: c.created,
+            position: c.position,
+            accounts: c.heads.len() as u64,
+            root: hex::encode(c.root()),
+        }),
+        heads,
     })
 }
 
@@ -371,7 +461,7 @@ fn record_expectations(
 }
 
 async fn check_users(
-    client: &Client,
+    client: &Transaction<'_>,
     accounts: &HashMap<String, AccountState>,
     pending: &std::collections::HashSet<String>,
     totals: &mut Totals,
@@ -428,7 +518,7 @@ async fn check_users(
 }
 
 async fn check_records(
-    client: &Client,
+    client: &Transaction<'_>,
     table: &str,
     sql: &str,
     expected: &HashMap<String, ExpectedRecord>,

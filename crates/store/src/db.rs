@@ -30,6 +30,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_reversals_and_uncertain_tasks",
         include_str!("../../../migrations/0005_reversals_and_uncertain_tasks.sql"),
     ),
+    (
+        "0006_append_only",
+        include_str!("../../../migrations/0006_append_only.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.
@@ -178,15 +182,23 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<
 }
 
 async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<&'static str>> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version    text PRIMARY KEY,
-                checksum   text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )",
-        )
-        .await?;
+    // Checked before creating: the service's least-privilege role may not create tables, and
+    // finds the schema already migrated by the owner (docs/OPERATIONS.md).
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version    text PRIMARY KEY,
+                    checksum   text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )",
+            )
+            .await?;
+    }
     let mut applied = Vec::new();
     for (version, sql) in MIGRATIONS {
         let checksum = checksum(sql);

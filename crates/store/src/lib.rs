@@ -5,8 +5,10 @@
 //! It knows the domain (`credit-domain`) but nothing of HTTP or of the providers.
 
 pub mod audit;
+pub mod checkpoint;
 pub mod db;
 pub mod executor;
+pub mod export;
 pub mod metrics;
 pub mod projector;
 pub mod queries;

@@ -91,72 +91,11 @@ impl Projector {
     }
 
     /// Read-your-writes: brings one account's read tables up to its journal before a read, so
-    /// a user who was just answered sees what the answer said, on any process. Costs one
-    /// indexed lookup when the account is current (the usual case); otherwise it projects that
-    /// account's pending events now, under the same per-account checkpoint lock as the batch
-    /// projector, so nothing is applied twice whoever gets there first. Returns the events
-    /// applied.
+    /// a user who was just answered sees what the answer said, on any process. See
+    /// [`catch_up`]. Returns the events applied.
     pub async fn catch_up(&self, account: &str) -> anyhow::Result<u64> {
         let mut client = self.pool.get().await.context("projector connection")?;
-        let behind: bool = client
-            .query_one(
-                "SELECT coalesce((SELECT max(sequence) FROM events
-                                   WHERE aggregate_type = $1 AND aggregate_id = $2), 0)
-                      > coalesce((SELECT last_sequence FROM users WHERE id = $2), 0)",
-                &[&CreditAccount::TYPE, &account],
-            )
-            .await?
-            .get(0);
-        if !behind {
-            return Ok(0);
-        }
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
-            &[&account],
-        )
-        .await?;
-        tx.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&account])
-            .await?;
-        let rows = tx
-            .query(
-                "SELECT e.aggregate_id, e.sequence, e.payload, e.recorded_at
-                   FROM events e JOIN users u ON u.id = e.aggregate_id
-                  WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
-                    AND e.sequence > u.last_sequence
-                  ORDER BY e.sequence",
-                &[&CreditAccount::TYPE, &account],
-            )
-            .await?;
-        let rows = rows
-            .into_iter()
-            .map(|r| {
-                let Json(event): Json<CreditEvent> = r.try_get(2)?;
-                Ok(Row {
-                    account: r.get(0),
-                    sequence: r.get(1),
-                    event,
-                    recorded_at: r.get(3),
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-            .context("decoding journal events")?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        apply_rows(&tx, &rows).await?;
-        // Its outbox rows are done; rows a batch projector holds are left to it (it finds
-        // nothing past the checkpoint and deletes them).
-        tx.execute(
-            "DELETE FROM projection_outbox WHERE id IN (
-                 SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
-                  WHERE o.aggregate_id = $1 AND o.sequence <= u.last_sequence
-                    FOR UPDATE OF o SKIP LOCKED)",
-            &[&account],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(rows.len() as u64)
+        catch_up(&mut client, account).await
     }
 
     /// Projects one batch; returns how many outbox rows it consumed.
@@ -244,6 +183,76 @@ impl Projector {
         tx.commit().await?;
         Ok((ids.len() as u64, applied))
     }
+}
+
+/// Brings one account's read tables up to its journal, on a connection the caller holds (the
+/// reader's own: a read costs one connection, and with none free it fails before anything is
+/// done). Costs one indexed lookup when the account is current (the usual case); otherwise it
+/// projects that account's pending events now, under the same per-account checkpoint lock as
+/// the batch projector, so nothing is applied twice whoever gets there first.
+pub async fn catch_up(
+    client: &mut deadpool_postgres::Object,
+    account: &str,
+) -> anyhow::Result<u64> {
+    let behind: bool = client
+        .query_one(
+            "SELECT coalesce((SELECT max(sequence) FROM events
+                               WHERE aggregate_type = $1 AND aggregate_id = $2), 0)
+                  > coalesce((SELECT last_sequence FROM users WHERE id = $2), 0)",
+            &[&CreditAccount::TYPE, &account],
+        )
+        .await?
+        .get(0);
+    if !behind {
+        return Ok(0);
+    }
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+        &[&account],
+    )
+    .await?;
+    tx.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&account])
+        .await?;
+    let rows = tx
+        .query(
+            "SELECT e.aggregate_id, e.sequence, e.payload, e.recorded_at
+               FROM events e JOIN users u ON u.id = e.aggregate_id
+              WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+                AND e.sequence > u.last_sequence
+              ORDER BY e.sequence",
+            &[&CreditAccount::TYPE, &account],
+        )
+        .await?;
+    let rows = rows
+        .into_iter()
+        .map(|r| {
+            let Json(event): Json<CreditEvent> = r.try_get(2)?;
+            Ok(Row {
+                account: r.get(0),
+                sequence: r.get(1),
+                event,
+                recorded_at: r.get(3),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("decoding journal events")?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    apply_rows(&tx, &rows).await?;
+    // Its outbox rows are done; rows a batch projector holds are left to it (it finds nothing
+    // past the checkpoint and deletes them).
+    tx.execute(
+        "DELETE FROM projection_outbox WHERE id IN (
+             SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
+              WHERE o.aggregate_id = $1 AND o.sequence <= u.last_sequence
+                FOR UPDATE OF o SKIP LOCKED)",
+        &[&account],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(rows.len() as u64)
 }
 
 /// Checkpoint and balance of one account after a batch.

@@ -13,6 +13,8 @@ pub fn server_url() -> String {
 pub struct TestDb {
     pub url: String,
     pub db: Database,
+    /// Whether dropping this handle drops the database (false for [`TestDb::shared`]).
+    owner: bool,
 }
 
 impl TestDb {
@@ -23,11 +25,16 @@ impl TestDb {
     }
 
     pub async fn with_pools(write: u32, read: usize) -> Self {
-        let base = server_url();
+        Self::on_server(&server_url(), write, read).await
+    }
+
+    /// A fresh database on another server (`base` is any database URL of it), e.g. a
+    /// [`crate::postgres::PrivatePostgres`].
+    pub async fn on_server(base: &str, write: u32, read: usize) -> Self {
         let name = format!("credit_ledger_test_{}", uuid::Uuid::new_v4().simple());
         let url = match base.rsplit_once('/') {
             Some((server, _)) => format!("{server}/{name}"),
-            None => panic!("TEST_DATABASE_URL has no database part: {base}"),
+            None => panic!("the server URL has no database part: {base}"),
         };
         let mut config = DbConfig::new(url.clone());
         config.write_connections = write;
@@ -36,7 +43,49 @@ impl TestDb {
             Ok(db) => db,
             Err(e) => panic!("cannot create test database (is PostgreSQL running?): {e:#}"),
         };
-        Self { url, db }
+        Self {
+            url,
+            db,
+            owner: true,
+        }
+    }
+
+    /// Another handle on the same database, with pools of its own (what a second process of
+    /// the service would have); dropping it leaves the database to its owner.
+    pub async fn shared(&self) -> Self {
+        let mut config = DbConfig::new(self.url.clone());
+        config.write_connections = 2;
+        config.read_connections = 4;
+        let db = match Database::connect_and_migrate(&config).await {
+            Ok(db) => db,
+            Err(e) => panic!("cannot connect to the test database again: {e:#}"),
+        };
+        Self {
+            url: self.url.clone(),
+            db,
+            owner: false,
+        }
+    }
+
+    /// Runs `sql` as the superuser test role with the append-only triggers switched off for
+    /// this one transaction (`session_replication_role = replica`): how a saboteur with
+    /// superuser rights rewrites history. The service's own role cannot do this
+    /// (crates/store/tests/append_only.rs); the audit and checkpoints must catch it.
+    pub async fn tamper(&self, sql: &str) -> Vec<deadpool_postgres::tokio_postgres::Row> {
+        let mut client = self.client().await;
+        let rows = async {
+            let tx = client.transaction().await?;
+            tx.batch_execute("SET LOCAL session_replication_role = replica")
+                .await?;
+            let rows = tx.query(sql, &[]).await?;
+            tx.commit().await?;
+            Ok::<_, deadpool_postgres::tokio_postgres::Error>(rows)
+        }
+        .await;
+        match rows {
+            Ok(rows) => rows,
+            Err(e) => panic!("tampering failed: {e}"),
+        }
     }
 
     pub async fn client(&self) -> deadpool_postgres::Object {
@@ -50,6 +99,9 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         self.db.read.close();
+        if !self.owner {
+            return;
+        }
         let url = self.url.clone();
         // Drop the database from a separate thread: we may be inside a runtime.
         let _ = std::thread::spawn(move || {

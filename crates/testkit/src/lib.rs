@@ -5,4 +5,5 @@ pub mod db;
 pub mod fake_grsai;
 pub mod fake_jwks;
 pub mod fake_stripe;
+pub mod postgres;
 pub mod stripe_story;

@@ -1,5 +1,5 @@
 //! Operators and auditors (admin token): an account's events, its balance at an instant,
-//! adjustments, and the audit report.
+//! adjustments, the audit report and the current audit checkpoint.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
@@ -130,7 +130,33 @@ pub async fn adjust(
 }
 
 pub async fn audit(state: web::Data<AppState>, _admin: Admin) -> Result<HttpResponse, ApiError> {
-    let client = state.read().await?;
-    let report = credit_store::audit::run(&client, None).await?;
+    let mut client = state.read().await?;
+    let report = credit_store::audit::run(&mut client, None).await?;
     Ok(HttpResponse::Ok().json(report))
+}
+
+/// The journal's heads as a checkpoint file (docs/AUDITING.md), taken by a clean audit in the
+/// same snapshot. Unsigned on purpose: the signing key belongs to the auditors, not to the
+/// service (a service that could sign could sign a forgery); they keep and sign it themselves.
+pub async fn checkpoint(
+    state: web::Data<AppState>,
+    _admin: Admin,
+) -> Result<HttpResponse, ApiError> {
+    let mut client = state.read().await?;
+    let report = credit_store::audit::run(&mut client, None).await?;
+    if !report.ok {
+        let found = report.discrepancies.len();
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::CONFLICT,
+            "audit_failed",
+            format!(
+                "the audit found {found} discrepancies, so no checkpoint vouches for this journal (see GET /api/admin/audit)"
+            ),
+        )
+        .with("discrepancies", found));
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .insert_header(("X-Checkpoint-Root", hex::encode(report.heads.root())))
+        .body(report.heads.to_text(None)))
 }

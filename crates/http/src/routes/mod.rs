@@ -47,6 +47,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::post().to(admin::adjust),
         )
         .route("/api/admin/audit", web::get().to(admin::audit))
+        .route(
+            "/api/admin/audit/checkpoint",
+            web::get().to(admin::checkpoint),
+        )
         .route("/", web::get().to(pages::index))
         .route("/app.js", web::get().to(pages::app_js))
         .route("/app.css", web::get().to(pages::app_css))

@@ -38,6 +38,9 @@ pub async fn receive(
             }
             _ => ApiError::bad_request("invalid_signature", e.to_string()),
         })?;
+    crate::body::reject_nul_in(&body).map_err(|_| {
+        ApiError::bad_request("invalid_payload", "the event contains a NUL character")
+    })?;
     let event = credit_stripe::parse_event(&body)
         .map_err(|e| ApiError::bad_request("invalid_payload", e.to_string()))?;
 

@@ -197,6 +197,9 @@ pub async fn callback(
         return Err(unauthorized());
     }
     let body = crate::body::read_limited(payload, 64 * 1024).await?;
+    crate::body::reject_nul_in(&body).map_err(|_| {
+        ApiError::bad_request("invalid_payload", "the result contains a NUL character")
+    })?;
     let result = credit_grsai::parse_result(&body)
         .map_err(|e| ApiError::bad_request("invalid_payload", e.to_string()))?;
     let outcome = flows::video::apply_result(&state, &user, task_id, &result).await?;

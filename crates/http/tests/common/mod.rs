@@ -136,20 +136,6 @@ where
 
 type Stopper = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// Builds and spawns one process of the service; returns its port and how to stop it.
-async fn launch(env: &HashMap<String, String>) -> (u16, Stopper, credit_http::Readiness) {
-    let config = Config::from_lookup(|k| env.get(k).cloned())
-        .unwrap_or_else(|e| panic!("test configuration refused: {e}"));
-    let app = Application::build(config)
-        .await
-        .unwrap_or_else(|e| panic!("application failed to build: {e:#}"));
-    let port = app.port();
-    let running = app.spawn();
-    let readiness = running.readiness.clone();
-    let stopper: Stopper = Box::new(move || Box::pin(running.stop()));
-    (port, stopper, readiness)
-}
-
 /// Which outside world the application sees.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -170,27 +156,8 @@ pub struct TestApp {
     /// Turns `/readyz` to 503 as SIGTERM does.
     pub readiness: credit_http::Readiness,
     pub db: TestDb,
-    /// The configuration it was started with, for a second process on the same database.
+    /// The configuration it was started with.
     env: HashMap<String, String>,
-}
-
-/// Another process of the service on the same database, as a second replica behind a load
-/// balancer would be.
-pub struct Replica {
-    pub base: String,
-    stopper: Option<Stopper>,
-}
-
-impl Replica {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stopper.take() {
-            stop().await;
-        }
-    }
 }
 
 impl TestApp {
@@ -201,16 +168,25 @@ impl TestApp {
 
     /// As [`TestApp::spawn`], with extra or overriding environment variables.
     pub async fn spawn_with(vars: &[(&str, &str)]) -> Self {
-        Self::start(Kind::Full, vars).await
+        Self::start(Kind::Full, vars, None).await
+    }
+
+    /// As [`TestApp::spawn_with`], on another PostgreSQL server (`server`: any database URL
+    /// of it), e.g. a private one a fault test restarts.
+    pub async fn spawn_on(server: &str, vars: &[(&str, &str)]) -> Self {
+        Self::start(Kind::Full, vars, Some(server)).await
     }
 
     /// Demo mode: no Stripe, Grsai or JWT key; the simulated provider answers in 200 ms.
     pub async fn demo(vars: &[(&str, &str)]) -> Self {
-        Self::start(Kind::Demo, vars).await
+        Self::start(Kind::Demo, vars, None).await
     }
 
-    async fn start(kind: Kind, vars: &[(&str, &str)]) -> Self {
-        let db = TestDb::with_pools(2, 4).await;
+    async fn start(kind: Kind, vars: &[(&str, &str)], server: Option<&str>) -> Self {
+        let db = match server {
+            None => TestDb::with_pools(2, 4).await,
+            Some(server) => TestDb::on_server(server, 2, 4).await,
+        };
         let mut env: HashMap<String, String> = HashMap::new();
         let mut set = |k: &str, v: &str| {
             env.insert(k.to_owned(), v.to_owned());
@@ -245,7 +221,31 @@ impl TestApp {
         for (k, v) in vars {
             set(k, v);
         }
-        let (port, stopper, readiness) = launch(&env).await;
+        Self::launch(env, db, stripe, grsai).await
+    }
+
+    /// A second instance of the service on this one's database, fakes and configuration, as
+    /// a second process would be: its own pools, executor, projector and background jobs.
+    /// (Its `stripe()` and `grsai()` are the first instance's; ask that one.)
+    pub async fn spawn_sibling(&self) -> Self {
+        Self::launch(self.env.clone(), self.db.shared().await, None, None).await
+    }
+
+    async fn launch(
+        env: HashMap<String, String>,
+        db: TestDb,
+        stripe: Option<FakeStripe>,
+        grsai: Option<FakeGrsai>,
+    ) -> Self {
+        let config = Config::from_lookup(|k| env.get(k).cloned())
+            .unwrap_or_else(|e| panic!("test configuration refused: {e}"));
+        let app = Application::build(config)
+            .await
+            .unwrap_or_else(|e| panic!("application failed to build: {e:#}"));
+        let port = app.port();
+        let running = app.spawn();
+        let readiness = running.readiness.clone();
+        let stopper: Stopper = Box::new(move || Box::pin(running.stop()));
         Self {
             base: format!("http://127.0.0.1:{port}"),
             port,
@@ -256,15 +256,6 @@ impl TestApp {
             readiness,
             db,
             env,
-        }
-    }
-
-    /// A second process of the service on this database, same configuration.
-    pub async fn replica(&self) -> Replica {
-        let (port, stopper, _) = launch(&self.env).await;
-        Replica {
-            base: format!("http://127.0.0.1:{port}"),
-            stopper: Some(stopper),
         }
     }
 

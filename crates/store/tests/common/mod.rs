@@ -55,8 +55,8 @@ impl Env {
     }
 
     pub async fn audit(&self) -> credit_store::audit::AuditReport {
-        let client = self.test.client().await;
-        credit_store::audit::run(&client, None).await.unwrap()
+        let mut client = self.test.client().await;
+        credit_store::audit::run(&mut client, None).await.unwrap()
     }
 }
 
