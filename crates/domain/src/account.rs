@@ -151,13 +151,39 @@ impl Recharge {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
-    /// Charged, provider not (yet) called, or called without an answer yet.
-    Charged,
+    /// Charged, the provider not (yet) called, or called without an answer yet.
+    #[serde(alias = "charged")]
+    Pending,
     /// The provider was called and its answer is unknown (time-out, lost connection).
     Uncertain,
-    Submitted,
+    /// The provider took the task (its id is known) and is working on it.
+    #[serde(alias = "submitted")]
+    Processing,
     Succeeded,
     Failed,
+}
+
+impl TaskStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [TaskStatus; 5] = [
+        Self::Pending,
+        Self::Uncertain,
+        Self::Processing,
+        Self::Succeeded,
+        Self::Failed,
+    ];
+
+    /// The one vocabulary of task statuses: the domain's, `video_tasks.status`'s, the API's,
+    /// OpenAPI's and the pages'.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Uncertain => "uncertain",
+            Self::Processing => "processing",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,13 +467,13 @@ impl CreditAccount {
                 check_clean("provider_task_id", &provider_task_id)?;
                 let task = self.known_task(&task_id)?;
                 match task.status {
-                    TaskStatus::Charged | TaskStatus::Uncertain => {
+                    TaskStatus::Pending | TaskStatus::Uncertain => {
                         Ok(vec![CreditEvent::VideoTaskSubmitted {
                             task_id,
                             provider_task_id,
                         }])
                     }
-                    TaskStatus::Submitted => Err(LedgerError::TaskAlreadySubmitted { task_id }),
+                    TaskStatus::Processing => Err(LedgerError::TaskAlreadySubmitted { task_id }),
                     TaskStatus::Succeeded | TaskStatus::Failed => {
                         Err(LedgerError::TaskAlreadySettled { task_id })
                     }
@@ -459,11 +485,11 @@ impl CreditAccount {
             } => {
                 let task = self.known_task(&task_id)?;
                 match task.status {
-                    TaskStatus::Charged => Ok(vec![CreditEvent::VideoSubmissionUncertain {
+                    TaskStatus::Pending => Ok(vec![CreditEvent::VideoSubmissionUncertain {
                         task_id,
                         error_message: clean(error_message),
                     }]),
-                    TaskStatus::Uncertain | TaskStatus::Submitted => {
+                    TaskStatus::Uncertain | TaskStatus::Processing => {
                         Err(LedgerError::TaskAlreadySubmitted { task_id })
                     }
                     TaskStatus::Succeeded | TaskStatus::Failed => {
@@ -509,7 +535,7 @@ impl CreditAccount {
                     TaskStatus::Failed => {
                         return Err(LedgerError::TaskAlreadySettled { task_id });
                     }
-                    TaskStatus::Charged | TaskStatus::Uncertain | TaskStatus::Submitted => {}
+                    TaskStatus::Pending | TaskStatus::Uncertain | TaskStatus::Processing => {}
                 }
                 Ok(vec![CreditEvent::VideoSucceeded {
                     task_id,
@@ -704,7 +730,7 @@ impl CreditAccount {
                     task_id,
                     Task {
                         credits,
-                        status: TaskStatus::Charged,
+                        status: TaskStatus::Pending,
                         refunded: false,
                         provider_task_id: None,
                         callback_token_sha256,
@@ -732,7 +758,7 @@ impl CreditAccount {
                 provider_task_id,
             } => {
                 if let Some(t) = self.tasks.get_mut(&task_id) {
-                    t.status = TaskStatus::Submitted;
+                    t.status = TaskStatus::Processing;
                     t.provider_task_id = Some(provider_task_id);
                 }
             }

@@ -120,7 +120,7 @@ impl Sim {
     fn apply_result(&mut self, task_id: &str, provider_id: &str, finish: Option<Finish>) {
         let task = self.account.task(task_id).unwrap().clone();
         if task.provider_task_id.is_none()
-            && matches!(task.status, TaskStatus::Charged | TaskStatus::Uncertain)
+            && matches!(task.status, TaskStatus::Pending | TaskStatus::Uncertain)
         {
             let _ = self.run(CreditCommand::MarkTaskSubmitted {
                 task_id: task_id.into(),

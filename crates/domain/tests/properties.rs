@@ -647,7 +647,9 @@ fn check_not_wrongly_refused(
             refunded_fen,
             ..
         } => state.recharge(recharge_id).is_some_and(|r| {
-            *refunded_fen > 0 && (*refunded_fen).min(r.amount_fen) > r.refunded_fen
+            *refunded_fen > 0
+                && (*refunded_fen).min(r.amount_fen) > r.refunded_fen
+                && state.balance().checked_sub(r.credits).is_some()
         }),
         CreditCommand::RecordDispute {
             recharge_id,
@@ -655,9 +657,12 @@ fn check_not_wrongly_refused(
             stage,
             ..
         } => state.recharge(recharge_id).is_some_and(|r| {
+            // A reinstatement near i64::MAX may overflow: a legitimate refusal.
             r.disputes
                 .get(dispute_id)
                 .is_none_or(|d| stage.rank() > d.stage.rank())
+                && state.balance().checked_add(r.credits).is_some()
+                && state.balance().checked_sub(r.credits).is_some()
         }),
         _ => false,
     };

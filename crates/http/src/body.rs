@@ -38,7 +38,6 @@ impl<T: DeserializeOwned + 'static> FromRequest for Body<T> {
                 )
                 .into());
             }
-            reject_nul(&value)?;
             if let Some(field) = control_characters(&value, "") {
                 return Err(ApiError::bad_request(
                     "control_characters",

@@ -68,6 +68,17 @@ impl ApiError {
         Self::new(StatusCode::BAD_GATEWAY, "provider_error", message)
     }
 
+    /// 503: no database connection could be had within the pool's wait (all held by slow
+    /// queries, or the database down or restarting). Nothing was done: the client may retry.
+    pub fn database_unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "database unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database is unavailable or overloaded; nothing was done, retry shortly",
+        )
+    }
+
     /// 500: our own failure (database). The cause is logged, never sent.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -108,6 +119,20 @@ impl ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        // A store call that could get no connection (e.g. the projector's catch-up before a
+        // read) is the same 503 as below, however deep the pool error is wrapped.
+        let no_connection = e.chain().any(|cause| {
+            matches!(
+                cause.downcast_ref::<deadpool_postgres::PoolError>(),
+                Some(
+                    deadpool_postgres::PoolError::Timeout(_)
+                        | deadpool_postgres::PoolError::Backend(_)
+                )
+            )
+        });
+        if no_connection {
+            return Self::database_unavailable(format!("{e:#}"));
+        }
         Self::internal(format!("{e:#}"))
     }
 }
@@ -119,14 +144,7 @@ impl From<deadpool_postgres::PoolError> for ApiError {
             // No connection within the pool's wait (every one held by slow queries), or none
             // could be opened (the database is down or restarting). Nothing was done yet: the
             // client may retry, so say so instead of a 500 (crates/http/tests/faults.rs).
-            E::Timeout(_) | E::Backend(_) => {
-                tracing::warn!(error = %e, "database unavailable");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
-                    "the database is unavailable or overloaded; nothing was done, retry shortly",
-                )
-            }
+            E::Timeout(_) | E::Backend(_) => Self::database_unavailable(e),
             other => Self::internal(other),
         }
     }

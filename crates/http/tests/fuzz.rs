@@ -430,3 +430,57 @@ fn collect_strings(v: &Value, at: &mut Vec<String>, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// The demo sign-in body (`POST /api/dev/token`, demo mode only) under the same fuzzing: never
+/// a 5xx, never a write (it writes nothing at all).
+#[test]
+fn arbitrary_dev_token_bodies_never_get_a_5xx() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = runtime.block_on(TestApp::demo(&[]));
+    let seed = json!({ "user_id": "alice" }).to_string().into_bytes();
+    let before = runtime.block_on(app.event_count());
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases: 500,
+        failure_persistence: None,
+        ..RunnerConfig::default()
+    });
+    let result = runner.run(&body(), |body| {
+        let bytes = match body {
+            Body::Bytes(b) => b,
+            Body::Json(v) => v.to_string().into_bytes(),
+            Body::Mutated(edits) => apply(seed.clone(), &edits),
+            Body::Field(n, with) => {
+                let mut v: Value = serde_json::from_slice(&seed).unwrap();
+                replace_field(&mut v, n, with);
+                v.to_string().into_bytes()
+            }
+        };
+        runtime.block_on(async {
+            let r = app
+                .http
+                .post(app.url("/api/dev/token"))
+                .header("content-type", "application/json")
+                .body(bytes.clone())
+                .send()
+                .await
+                .map_err(|e| TestCaseError::fail(format!("no answer: {e}")))?;
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            prop_assert!(
+                status < 500,
+                "{status} to {:?}: {text}",
+                String::from_utf8_lossy(&bytes)
+            );
+            Ok(())
+        })
+    });
+    assert_eq!(runtime.block_on(app.event_count()), before);
+    runtime.block_on(app.stop());
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

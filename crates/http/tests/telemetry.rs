@@ -374,18 +374,14 @@ async fn control_characters_in_a_json_body_are_400_and_change_nothing() {
     app.grant(&u, 100).await;
     let token = app.token(&u);
     let events = app.event_count().await;
-    for prompt in ["bell\u{7}", "esc\u{1b}[31m", "c1\u{85}", "vt\u{b}"] {
+    for prompt in ["a\u{0}b", "bell\u{7}", "esc\u{1b}[31m", "c1\u{85}"] {
         app.generate(&token, json!({ "prompt": prompt }))
             .await
             .expect_error(400, "control_characters");
     }
-    app.adjust(&u, 5, "why\u{8}")
+    app.adjust(&u, 5, "why\u{0}")
         .await
         .expect_error(400, "control_characters");
-    // NUL, which PostgreSQL cannot store at all, is refused as an invalid body.
-    app.generate(&token, json!({ "prompt": "a\u{0}b" }))
-        .await
-        .expect_error(400, "invalid_body");
     assert_eq!(app.event_count().await, events);
     // Tabs and line breaks are text.
     app.generate_ok(&token, "line one\nline two\ttabbed").await;

@@ -536,3 +536,32 @@ async fn oversized_webhook_and_callback_bodies_are_413() {
     expect(&r, 413, "payload_too_large", "oversized callback");
     assert_eq!(app.event_count().await, events);
 }
+
+/// One task-status vocabulary from the domain to the table, the API and OpenAPI.
+#[test]
+fn task_statuses_are_one_vocabulary() {
+    let domain: Vec<&str> = credit_domain::TaskStatus::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    let openapi: serde_json::Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    for schema in ["VideoTask", "GenerateAccepted"] {
+        let listed: Vec<&str> = openapi["components"]["schemas"][schema]["properties"]["status"]
+            ["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        for status in &listed {
+            assert!(domain.contains(status), "{schema} lists {status}");
+        }
+    }
+    let migration = include_str!("../../../migrations/0005_reversals_and_uncertain_tasks.sql");
+    for status in &domain {
+        assert!(
+            migration.contains(&format!("'{status}'")),
+            "video_tasks refuses {status}"
+        );
+    }
+}

@@ -21,7 +21,7 @@
 //! Heads are sorted by account id (bytes); an id byte outside `A-Z a-z 0-9 - _ . : @` is
 //! written `%XX`. The signature line is present only when the checkpoint was signed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -354,14 +354,14 @@ fn decode_id(raw: &str) -> Option<String> {
 pub(crate) struct HeadCheck<'a> {
     checkpoint: &'a Checkpoint,
     /// Accounts whose recorded head was found, whatever it held.
-    reached: HashMap<&'a str, ()>,
+    reached: HashSet<&'a str>,
 }
 
 impl<'a> HeadCheck<'a> {
     pub(crate) fn new(checkpoint: &'a Checkpoint) -> Self {
         Self {
             checkpoint,
-            reached: HashMap::new(),
+            reached: HashSet::new(),
         }
     }
 
@@ -377,7 +377,7 @@ impl<'a> HeadCheck<'a> {
         if head.sequence != sequence {
             return None;
         }
-        self.reached.insert(id.as_str(), ());
+        self.reached.insert(id.as_str());
         if head.hash == hash && head.position == position {
             return None;
         }
@@ -400,7 +400,7 @@ impl<'a> HeadCheck<'a> {
     pub(crate) fn finish(self, last_sequence: impl Fn(&str) -> Option<i64>) -> Vec<Discrepancy> {
         let mut found = Vec::new();
         for (account, head) in &self.checkpoint.heads {
-            if self.reached.contains_key(account.as_str()) {
+            if self.reached.contains(account.as_str()) {
                 continue;
             }
             let now = match last_sequence(account) {

@@ -183,7 +183,7 @@ pub async fn apply_result(
         Some(_) => {}
         // The submission's answer was lost (or not recorded yet): the result names the
         // provider's task, so record it first.
-        None if matches!(task.status, TaskStatus::Charged | TaskStatus::Uncertain) => {
+        None if matches!(task.status, TaskStatus::Pending | TaskStatus::Uncertain) => {
             let marked = state
                 .ledger
                 .execute(

@@ -149,12 +149,7 @@ pub async fn generate(
 
 fn task_answer(account: &CreditAccount, task_id: &str) -> serde_json::Value {
     let task = account.task(task_id);
-    let status = match task.map(|t| t.status) {
-        Some(TaskStatus::Succeeded) => "succeeded",
-        Some(TaskStatus::Failed) => "failed",
-        Some(TaskStatus::Uncertain) => "uncertain",
-        _ => "processing",
-    };
+    let status = task.map_or(TaskStatus::Pending, |t| t.status).as_str();
     json!({
         "task_id": task_id,
         "status": status,
