@@ -12,11 +12,11 @@ use credit_testkit::db::TestDb;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_credit-ledger");
-const ADMIN: &str = "kill-test-admin-token-0123";
-
 struct Server {
     child: tokio::process::Child,
     base: String,
+    /// Demo mode's per-process admin token (printed in its log).
+    admin: String,
 }
 
 async fn serve(db_url: &str) -> Server {
@@ -25,17 +25,21 @@ async fn serve(db_url: &str) -> Server {
         .local_addr()
         .unwrap()
         .port();
+    // Demo mode (nothing configured) makes its admin token per process and logs it.
+    let log = std::env::temp_dir().join(format!(
+        "credit-ledger-kill-{}-{port}.log",
+        std::process::id()
+    ));
     let child = tokio::process::Command::new(BIN)
         .arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db_url)
         .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("ADMIN_TOKEN", ADMIN)
         .env("DEMO_VIDEO_DELAY", "50ms")
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", "error,credit_http::app=warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -54,7 +58,15 @@ async fn serve(db_url: &str) -> Server {
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    Server { child, base }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let admin = text
+        .split("DEMO MODE: admin token ")
+        .nth(1)
+        .and_then(|rest| rest.get(..64))
+        .unwrap_or_else(|| panic!("no demo admin token in the log: {text}"))
+        .to_owned();
+    Server { child, base, admin }
 }
 
 /// What a client sent, and what it knows of the outcome.
@@ -70,10 +82,16 @@ enum Sent {
     Generated { task: String },
 }
 
-async fn adjust(http: &reqwest::Client, base: &str, user: &str, key: &str) -> Option<Value> {
+async fn adjust(
+    http: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    user: &str,
+    key: &str,
+) -> Option<Value> {
     let r = http
         .post(format!("{base}/api/admin/accounts/{user}/adjustments"))
-        .bearer_auth(ADMIN)
+        .bearer_auth(admin)
         .header("idempotency-key", key)
         .json(&json!({ "credits": 10, "reason": "load" }))
         .send()
@@ -85,7 +103,13 @@ async fn adjust(http: &reqwest::Client, base: &str, user: &str, key: &str) -> Op
     matches!(status, 200 | 201).then_some(body)
 }
 
-async fn load(base: String, cycle: usize, worker: usize, until: Instant) -> Vec<Sent> {
+async fn load(
+    base: String,
+    admin: String,
+    cycle: usize,
+    worker: usize,
+    until: Instant,
+) -> Vec<Sent> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .build()
@@ -131,7 +155,7 @@ async fn load(base: String, cycle: usize, worker: usize, until: Instant) -> Vec<
             }
         } else {
             let key = format!("c{cycle}-w{worker}-n{n}");
-            let id = adjust(&http, &base, &user, &key)
+            let id = adjust(&http, &base, &admin, &user, &key)
                 .await
                 .map(|b| b["adjustment_id"].as_str().unwrap().to_owned());
             let killed = id.is_none();
@@ -159,6 +183,7 @@ async fn ten_kill_9_cycles_under_load_lose_nothing_acknowledged_and_apply_nothin
             .map(|w| {
                 tokio::spawn(load(
                     server.base.clone(),
+                    server.admin.clone(),
                     cycle,
                     w,
                     until + Duration::from_secs(5),
@@ -189,7 +214,9 @@ async fn ten_kill_9_cycles_under_load_lose_nothing_acknowledged_and_apply_nothin
                 key,
                 id: None,
             } => {
-                let body = adjust(&http, &server.base, user, key).await.unwrap();
+                let body = adjust(&http, &server.base, &server.admin, user, key)
+                    .await
+                    .unwrap();
                 acknowledged.insert(body["adjustment_id"].as_str().unwrap().to_owned());
                 retried += 1;
             }
