@@ -52,7 +52,7 @@ impl JwtKeys {
             return Ok(None);
         }
         let jwks = match &config.jwks_url {
-            Some(url) => Some(Arc::new(Jwks::new(url.clone())?)),
+            Some(url) => Some(Arc::new(Jwks::new(url.clone(), config.jwks_max_age)?)),
             None => None,
         };
         Ok(Some(Self {
@@ -183,47 +183,77 @@ struct JwksKey {
 }
 
 /// Supabase Auth's published signing keys, by `kid`. Cached; fetched again when a token
-/// names a `kid` not in the cache (a rotation), at most once a [`JWKS_MIN_REFRESH`]. While
-/// the endpoint is down, tokens whose key is cached keep verifying.
+/// names a `kid` not in the cache (a rotation), or when the cached set is older than
+/// `max_age` (so a key Supabase revoked stops verifying), at most once a
+/// [`JWKS_MIN_REFRESH`]. While the endpoint is down, tokens whose key is cached keep
+/// verifying.
 struct Jwks {
     url: String,
     http: reqwest::Client,
     keys: RwLock<HashMap<String, JwksKey>>,
+    max_age: Duration,
+    /// When the cached set was fetched.
+    fetched_at: std::sync::Mutex<Option<Instant>>,
     /// Held while fetching (one fetch at a time); the instant of the last attempt.
     last_attempt: Mutex<Option<Instant>>,
 }
 
 impl Jwks {
-    fn new(url: String) -> anyhow::Result<Self> {
+    fn new(url: String, max_age: Duration) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(JWKS_TIMEOUT).build()?;
         Ok(Self {
             url,
             http,
             keys: RwLock::new(HashMap::new()),
+            max_age,
+            fetched_at: std::sync::Mutex::new(None),
             last_attempt: Mutex::new(None),
         })
     }
 
+    fn stale(&self) -> bool {
+        let fetched_at = *self
+            .fetched_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        fetched_at.is_none_or(|at| at.elapsed() >= self.max_age)
+    }
+
+    async fn replace(&self, keys: HashMap<String, JwksKey>) {
+        *self.keys.write().await = keys;
+        *self
+            .fetched_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
     async fn key(&self, kid: &str) -> Result<JwksKey, ApiError> {
-        if let Some(key) = self.keys.read().await.get(kid) {
-            return Ok(key.clone());
+        if !self.stale() {
+            if let Some(key) = self.keys.read().await.get(kid) {
+                return Ok(key.clone());
+            }
         }
         let mut last = self.last_attempt.lock().await;
         // Another request may have fetched the set while this one waited for the lock.
-        if let Some(key) = self.keys.read().await.get(kid) {
-            return Ok(key.clone());
-        }
+        let cached = self.keys.read().await.get(kid).cloned();
         let unknown =
             || ApiError::unauthorized("invalid_token", "invalid token: unknown signing key (kid)");
-        if last.is_some_and(|at| at.elapsed() < JWKS_MIN_REFRESH) {
-            return Err(unknown());
+        let needed = cached.is_none() || self.stale();
+        let allowed = !last.is_some_and(|at| at.elapsed() < JWKS_MIN_REFRESH);
+        if !(needed && allowed) {
+            return cached.ok_or_else(unknown);
         }
         *last = Some(Instant::now());
         match self.fetch().await {
             Ok(keys) => {
                 let found = keys.get(kid).cloned();
-                *self.keys.write().await = keys;
+                self.replace(keys).await;
                 found.ok_or_else(unknown)
+            }
+            // An outage: what is cached keeps verifying.
+            Err(e) if cached.is_some() => {
+                tracing::warn!(error = %format!("{e:#}"), jwks.url = %self.url, "could not refresh the JWKS; using the cached keys");
+                cached.ok_or_else(unknown)
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), jwks.url = %self.url, "could not fetch the JWKS");
@@ -242,7 +272,7 @@ impl Jwks {
         let _one_fetch_at_a_time = self.last_attempt.lock().await;
         let keys = self.fetch().await?;
         tracing::info!(jwks.keys = keys.len(), "JWKS fetched");
-        *self.keys.write().await = keys;
+        self.replace(keys).await;
         Ok(())
     }
 

@@ -46,6 +46,8 @@ pub struct Config {
     /// Where the public keys of asymmetric user tokens (ES256, RS256) are published, e.g.
     /// `https://<project>.supabase.co/auth/v1/.well-known/jwks.json`.
     pub jwks_url: Option<String>,
+    /// The cached key set is fetched again once it is this old.
+    pub jwks_max_age: Duration,
     /// Checked against `iss` when set.
     pub jwt_issuer: Option<String>,
     /// Checked against `aud` when set.
@@ -126,6 +128,13 @@ impl Config {
             Some(url) => Some(parse_url("AUTH_JWKS_URL", &url)?),
             None => None,
         };
+        let jwks_max_age = match get("AUTH_JWKS_MAX_AGE") {
+            Some(v) => parse_duration("AUTH_JWKS_MAX_AGE", &v)?,
+            None => Duration::from_secs(600),
+        };
+        if jwks_max_age.is_zero() {
+            return Err(err("AUTH_JWKS_MAX_AGE", "must be more than zero"));
+        }
         let jwt_leeway = match get("AUTH_JWT_LEEWAY") {
             Some(v) => parse_duration("AUTH_JWT_LEEWAY", &v)?,
             None => Duration::from_secs(30),
@@ -303,6 +312,7 @@ impl Config {
             public_base_url,
             jwt_secret,
             jwks_url,
+            jwks_max_age,
             jwt_issuer: get("AUTH_JWT_ISSUER"),
             jwt_audience: get("AUTH_JWT_AUDIENCE"),
             jwt_leeway,

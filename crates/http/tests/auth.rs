@@ -28,6 +28,10 @@ fn claims(user: &str) -> Value {
 /// The app with the fake's key set, the issuer and audience checked, and (unless
 /// `jwks_only`) the HS256 secret too.
 async fn app_with(jwks: &FakeJwks, jwks_only: bool) -> TestApp {
+    app_with_also(jwks, jwks_only, &[]).await
+}
+
+async fn app_with_also(jwks: &FakeJwks, jwks_only: bool, also: &[(&str, &str)]) -> TestApp {
     let url = jwks.url();
     let mut vars = vec![
         ("AUTH_JWKS_URL", url.as_str()),
@@ -37,6 +41,7 @@ async fn app_with(jwks: &FakeJwks, jwks_only: bool) -> TestApp {
     if jwks_only {
         vars.push(("AUTH_JWT_SECRET", ""));
     }
+    vars.extend_from_slice(also);
     TestApp::spawn_with(&vars).await
 }
 
@@ -218,4 +223,31 @@ async fn with_only_a_jwks_hs256_tokens_are_refused_even_keyed_with_the_public_ke
         app.stats(&token).await.expect_error(401, "invalid_token");
     }
     app.stats(&r1.sign(&claims(&u))).await.expect(200);
+}
+
+#[tokio::test]
+async fn a_key_revoked_from_the_set_stops_verifying_once_the_cache_is_older_than_its_max_age() {
+    let jwks = FakeJwks::start().await;
+    let (k1, k2) = (SigningKey::es256("ec-1"), SigningKey::es256("ec-2"));
+    jwks.publish(&[&k1, &k2]);
+    let app = app_with_also(&jwks, true, &[("AUTH_JWKS_MAX_AGE", "1s")]).await;
+    let u = user("revoked");
+    app.stats(&k1.sign(&claims(&u))).await.expect(200);
+
+    // Supabase revokes k1. Within the max age the cached set still holds it...
+    jwks.publish(&[&k2]);
+    app.stats(&k1.sign(&claims(&u))).await.expect(200);
+    assert_eq!(jwks.fetches(), 1);
+    // ...past it, the next token fetches the set again, and k1 is refused.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    app.stats(&k1.sign(&claims(&u)))
+        .await
+        .expect_error(401, "invalid_token");
+    assert_eq!(jwks.fetches(), 2);
+    app.stats(&k2.sign(&claims(&u))).await.expect(200);
+
+    // A stale cache during an outage keeps verifying the keys it has.
+    jwks.set_down(true);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    app.stats(&k2.sign(&claims(&u))).await.expect(200);
 }
