@@ -138,6 +138,23 @@ async fn adjustments_grant_and_correct_but_never_below_zero() {
     assert_eq!(again.status, 200, "{}", again.text);
     assert!(again.text.contains("\"duplicate\":true"), "{}", again.text);
     app.wait_for_balance(&token, 5).await;
+
+    // The same key with other terms: 409, nothing written.
+    let events = app.event_count().await;
+    let other = app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(ADMIN_TOKEN),
+            &[
+                ("content-type", "application/json"),
+                ("idempotency-key", "adj-1"),
+            ],
+            Some(json!({"credits": 500, "reason": "retry"}).to_string()),
+        )
+        .await;
+    other.expect_error(409, "idempotency_conflict");
+    assert_eq!(app.event_count().await, events);
 }
 
 #[tokio::test]

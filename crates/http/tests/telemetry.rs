@@ -5,6 +5,10 @@
 
 mod common;
 
+/// The metrics recorder is one per process: tests of this binary that move counters run one
+/// at a time, so each sees only its own deltas.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 use common::fake_grsai::failed_result;
 use common::*;
 use serde_json::{json, Value};
@@ -39,6 +43,7 @@ async fn request(
 
 #[tokio::test]
 async fn a_valid_incoming_request_id_is_answered_and_kept_in_event_metadata() {
+    let _serial = SERIAL.lock().await;
     let app = TestApp::spawn().await;
     let u = user("rid");
     let token = app.token(&u);
@@ -84,6 +89,7 @@ async fn a_valid_incoming_request_id_is_answered_and_kept_in_event_metadata() {
 
 #[tokio::test]
 async fn a_missing_or_unacceptable_request_id_is_replaced_by_a_new_one() {
+    let _serial = SERIAL.lock().await;
     let app = TestApp::spawn().await;
     let long = "x".repeat(129);
     for incoming in [None, Some("has space"), Some(long.as_str()), Some("a\"b")] {
@@ -146,6 +152,7 @@ async fn scrape(app: &TestApp, token: Option<&str>) -> String {
 /// difference, on series this test alone moves.
 #[tokio::test]
 async fn metrics_move_by_what_a_flow_did() {
+    let _serial = SERIAL.lock().await;
     let metrics_token = "metrics-token-0123456789";
     let app = TestApp::spawn_with(&[("METRICS_TOKEN", metrics_token)]).await;
     app.get("/metrics", None)
@@ -227,6 +234,7 @@ async fn readyz(app: &TestApp) -> (u16, Value) {
 
 #[tokio::test]
 async fn readiness_turns_503_when_the_projector_lags_and_when_shutting_down() {
+    let _serial = SERIAL.lock().await;
     let app = TestApp::spawn_with(&[("READY_MAX_LAG", "5s")]).await;
     let (status, body) = readyz(&app).await;
     assert_eq!(status, 200, "{body}");
@@ -235,22 +243,31 @@ async fn readiness_turns_503_when_the_projector_lags_and_when_shutting_down() {
 
     // An outbox row an hour old that the projector cannot take (another transaction holds
     // it): the projection is an hour behind as far as anyone can tell.
+    // The projector may take the row between its insert and the lock (it is idle and
+    // sweeps every 100 ms): then try again until the lock holds it.
     let mut holder = app.db.client().await;
-    holder
-        .execute(
-            "INSERT INTO projection_outbox (aggregate_id, sequence, created_at)
-             VALUES ($1, 1, now() - interval '1 hour')",
-            &[&u],
-        )
-        .await
-        .unwrap();
-    let tx = holder.transaction().await.unwrap();
-    tx.execute(
-        "SELECT 1 FROM projection_outbox WHERE aggregate_id = $1 FOR UPDATE",
-        &[&u],
-    )
-    .await
-    .unwrap();
+    let tx = loop {
+        holder
+            .execute(
+                "INSERT INTO projection_outbox (aggregate_id, sequence, created_at)
+                 VALUES ($1, 1, now() - interval '1 hour')",
+                &[&u],
+            )
+            .await
+            .unwrap();
+        let tx = holder.transaction().await.unwrap();
+        let held = tx
+            .query(
+                "SELECT 1 FROM projection_outbox WHERE aggregate_id = $1 FOR UPDATE",
+                &[&u],
+            )
+            .await
+            .unwrap();
+        if !held.is_empty() {
+            break tx;
+        }
+        tx.rollback().await.unwrap();
+    };
     let (status, body) = readyz(&app).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["reason"], "projector_lagging");
@@ -273,6 +290,7 @@ async fn readiness_turns_503_when_the_projector_lags_and_when_shutting_down() {
 
 #[tokio::test]
 async fn generate_and_recharge_are_rate_limited_per_user_with_retry_after() {
+    let _serial = SERIAL.lock().await;
     let app = TestApp::spawn_with(&[
         ("RATE_LIMIT_GENERATE", "2/m"),
         ("RATE_LIMIT_RECHARGE", "1/m"),
@@ -331,6 +349,7 @@ async fn generate_and_recharge_are_rate_limited_per_user_with_retry_after() {
 
 #[tokio::test]
 async fn the_demo_token_endpoint_is_rate_limited_per_address() {
+    let _serial = SERIAL.lock().await;
     let app = TestApp::demo(&[("RATE_LIMIT_DEV_TOKEN", "2/m")]).await;
     app.dev_token("a").await;
     app.dev_token("b").await;
@@ -341,6 +360,7 @@ async fn the_demo_token_endpoint_is_rate_limited_per_address() {
 
 #[tokio::test]
 async fn a_known_path_with_an_undeclared_method_is_405_with_allow() {
+    let _serial = SERIAL.lock().await;
     let app = TestApp::spawn().await;
     for (method, path, allow) in [
         (reqwest::Method::PUT, "/api/recharge", "GET, POST"),
@@ -369,6 +389,7 @@ async fn a_known_path_with_an_undeclared_method_is_405_with_allow() {
 
 #[tokio::test]
 async fn control_characters_in_a_json_body_are_400_and_change_nothing() {
+    let _serial = SERIAL.lock().await;
     let app = TestApp::spawn().await;
     let u = user("ctrl");
     app.grant(&u, 100).await;
@@ -389,6 +410,7 @@ async fn control_characters_in_a_json_body_are_400_and_change_nothing() {
 
 #[tokio::test]
 async fn readiness_turns_503_when_the_database_is_gone() {
+    let _serial = SERIAL.lock().await;
     let app = TestApp::spawn().await;
     assert_eq!(readyz(&app).await.0, 200);
     // Dropping the database ends every connection of both pools, and new ones fail.

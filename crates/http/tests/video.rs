@@ -322,6 +322,24 @@ async fn an_idempotency_key_makes_a_retried_generate_one_task() {
     assert_eq!(app.events_of(&u, "CreditsDeducted").await, 1);
     assert_eq!(app.grsai().requests_to(CREATE_PATH).len(), 1);
     app.wait_for_balance(&token, 20).await;
+
+    // The same key with a different request: 409, nothing written, nothing sent.
+    let events = app.event_count().await;
+    let other = app
+        .send(
+            reqwest::Method::POST,
+            "/api/video/generate",
+            Some(&token),
+            &[
+                ("content-type", "application/json"),
+                ("idempotency-key", "gen-1"),
+            ],
+            Some(json!({ "prompt": "a different fox" }).to_string()),
+        )
+        .await;
+    other.expect_error(409, "idempotency_conflict");
+    assert_eq!(app.event_count().await, events);
+    assert_eq!(app.grsai().requests_to(CREATE_PATH).len(), 1);
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ pub mod export;
 pub mod metrics;
 pub mod projector;
 pub mod queries;
+pub mod read_models;
 pub mod tls;
 
 pub use db::{Database, DbConfig};

@@ -158,18 +158,13 @@ impl Page {
     }
 }
 
-/// `(limit, created_at, id)` of a keyset page.
-pub type Keyset = (i64, Option<DateTime<Utc>>, Option<String>);
-
 impl Page {
-    /// `(limit, created_at, id)` for a keyset query: `(created_at, id) < ($at, $id)` when a
-    /// cursor was given; rows are fetched with `limit + 1` to know whether more follow.
-    pub fn keyset(&self) -> Result<Keyset, ApiError> {
-        let limit = self.limit()?;
-        let (at, id) = self
-            .cursor()?
-            .map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
-        Ok((limit, at, id))
+    /// The page asked for: its limit, and the cursor's (created_at, id) when one was given.
+    pub fn keyset(&self) -> Result<credit_store::read_models::Keyset, ApiError> {
+        Ok(credit_store::read_models::Keyset {
+            limit: self.limit()?,
+            before: self.cursor()?.map(|c| (c.created_at, c.id)),
+        })
     }
 }
 
@@ -179,18 +174,12 @@ impl Cursor {
     }
 }
 
-/// `{"records": [...], "next_cursor": ...}` from rows fetched with `limit + 1`.
-pub fn page_of(
-    mut rows: Vec<(serde_json::Value, DateTime<Utc>, String)>,
-    limit: i64,
+/// `{"records": [...], "next_cursor": ...}` from a page of read models.
+pub fn page_of<T: credit_store::read_models::Keyed>(
+    page: &credit_store::read_models::Page<T>,
+    show: impl Fn(&T) -> serde_json::Value,
 ) -> HttpResponse {
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next = if more {
-        rows.last().map(|(_, at, id)| Cursor::encode(*at, id))
-    } else {
-        None
-    };
-    let records: Vec<_> = rows.into_iter().map(|(v, _, _)| v).collect();
+    let next = page.next().map(|(at, id)| Cursor::encode(at, id));
+    let records: Vec<_> = page.records.iter().map(show).collect();
     HttpResponse::Ok().json(json!({ "records": records, "next_cursor": next }))
 }

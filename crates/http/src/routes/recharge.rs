@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use chrono::{DateTime, Utc};
 use credit_domain::ports::CheckoutRequest;
 use credit_domain::{CreditCommand, LedgerError, Recharge, RechargeStatus, UserId};
 use credit_store::ExecuteError;
@@ -244,41 +243,12 @@ pub async fn list(
     user: AuthUser,
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
-    let (limit, at, id) = page.keyset()?;
+    let keyset = page.keyset()?;
     let client = state.read_own(&user.0).await?;
-    let rows = client
-        .query(
-            "SELECT id, amount_fen, credits, payment_method, payment_id, status, created_at,
-                    completed_at, currency, reversed_credits
-               FROM recharge_records
-              WHERE user_id = $1
-                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-              ORDER BY created_at DESC, id DESC
-              LIMIT $4",
-            &[&user.0.as_str(), &at, &id, &(limit + 1)],
-        )
-        .await?;
-    let rows = rows
-        .iter()
-        .map(|r| {
-            let id: String = r.get(0);
-            let created_at: DateTime<Utc> = r.get(6);
-            let amount_fen: i64 = r.get(1);
-            let v = json!({
-                "recharge_id": id,
-                "amount": fen_to_yuan(amount_fen),
-                "amount_fen": amount_fen,
-                "currency": r.get::<_, String>(8),
-                "credits": r.get::<_, i64>(2),
-                "payment_method": r.get::<_, String>(3),
-                "payment_id": r.get::<_, Option<String>>(4),
-                "status": r.get::<_, String>(5),
-                "reversed_credits": r.get::<_, i64>(9),
-                "created_at": created_at,
-                "completed_at": r.get::<_, Option<DateTime<Utc>>>(7),
-            });
-            (v, created_at, id)
-        })
-        .collect();
-    Ok(page_of(rows, limit))
+    let page = credit_store::read_models::recharges(&client, user.0.as_str(), &keyset).await?;
+    Ok(page_of(&page, |r| {
+        let mut shown = serde_json::to_value(r).unwrap_or_default();
+        shown["amount"] = fen_to_yuan(r.amount_fen);
+        shown
+    }))
 }

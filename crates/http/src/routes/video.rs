@@ -2,8 +2,8 @@
 //! user's tasks and consumption records.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use chrono::{DateTime, Utc};
 use credit_domain::{CreditAccount, TaskStatus, UserId, VideoSpec};
+use credit_store::read_models;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -201,28 +201,8 @@ pub async fn callback(
     Ok(HttpResponse::Ok().json(json!({ "received": true, "outcome": outcome })))
 }
 
-const TASK_COLUMNS: &str =
-    "id, status, progress, prompt, video_url, failure_reason, credits_charged,
-    refunded, created_at, completed_at, aspect_ratio, duration, size, error_message, model";
-
-fn task_json(r: &tokio_postgres::Row) -> serde_json::Value {
-    json!({
-        "task_id": r.get::<_, String>(0),
-        "status": r.get::<_, String>(1),
-        "progress": r.get::<_, i32>(2),
-        "prompt": r.get::<_, String>(3),
-        "video_url": r.get::<_, Option<String>>(4),
-        "failure_reason": r.get::<_, Option<String>>(5),
-        "credits_charged": r.get::<_, i64>(6),
-        "refunded": r.get::<_, bool>(7),
-        "created_at": r.get::<_, DateTime<Utc>>(8),
-        "completed_at": r.get::<_, Option<DateTime<Utc>>>(9),
-        "aspect_ratio": r.get::<_, String>(10),
-        "duration": r.get::<_, i32>(11),
-        "size": r.get::<_, String>(12),
-        "error_message": r.get::<_, Option<String>>(13),
-        "model": r.get::<_, String>(14),
-    })
+fn shown<T: serde::Serialize>(record: &T) -> serde_json::Value {
+    serde_json::to_value(record).unwrap_or_default()
 }
 
 pub async fn list(
@@ -230,23 +210,10 @@ pub async fn list(
     user: AuthUser,
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
-    let (limit, at, id) = page.keyset()?;
+    let keyset = page.keyset()?;
     let client = state.read_own(&user.0).await?;
-    let rows = client
-        .query(
-            &format!(
-                "SELECT {TASK_COLUMNS} FROM video_tasks
-                  WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-                  ORDER BY created_at DESC, id DESC LIMIT $4"
-            ),
-            &[&user.0.as_str(), &at, &id, &(limit + 1)],
-        )
-        .await?;
-    let rows = rows
-        .iter()
-        .map(|r| (task_json(r), r.get(8), r.get(0)))
-        .collect();
-    Ok(page_of(rows, limit))
+    let page = read_models::tasks(&client, user.0.as_str(), &keyset).await?;
+    Ok(page_of(&page, shown))
 }
 
 pub async fn get(
@@ -255,14 +222,8 @@ pub async fn get(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let client = state.read_own(&user.0).await?;
-    let row = client
-        .query_opt(
-            &format!("SELECT {TASK_COLUMNS} FROM video_tasks WHERE id = $1 AND user_id = $2"),
-            &[&path.as_str(), &user.0.as_str()],
-        )
-        .await?;
-    match row {
-        Some(r) => Ok(HttpResponse::Ok().json(task_json(&r))),
+    match read_models::task(&client, user.0.as_str(), path.as_str()).await? {
+        Some(task) => Ok(HttpResponse::Ok().json(task)),
         None => Err(ApiError::not_found("no such task")),
     }
 }
@@ -272,36 +233,8 @@ pub async fn consumption(
     user: AuthUser,
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
-    let (limit, at, id) = page.keyset()?;
+    let keyset = page.keyset()?;
     let client = state.read_own(&user.0).await?;
-    let rows = client
-        .query(
-            "SELECT id, video_task_id, credits, description, status, created_at, refunded_at
-               FROM consumption_records
-              WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-              ORDER BY created_at DESC, id DESC LIMIT $4",
-            &[&user.0.as_str(), &at, &id, &(limit + 1)],
-        )
-        .await?;
-    let rows = rows
-        .iter()
-        .map(|r| {
-            let id: String = r.get(0);
-            let created_at: DateTime<Utc> = r.get(5);
-            (
-                json!({
-                    "id": id,
-                    "video_task_id": r.get::<_, String>(1),
-                    "credits": r.get::<_, i64>(2),
-                    "description": r.get::<_, String>(3),
-                    "status": r.get::<_, String>(4),
-                    "created_at": created_at,
-                    "refunded_at": r.get::<_, Option<DateTime<Utc>>>(6),
-                }),
-                created_at,
-                id,
-            )
-        })
-        .collect();
-    Ok(page_of(rows, limit))
+    let page = read_models::consumption(&client, user.0.as_str(), &keyset).await?;
+    Ok(page_of(&page, shown))
 }
