@@ -351,9 +351,14 @@ async fn serve_honours_the_global_database_url() {
     .spawn()
     .unwrap();
     let started = std::time::Instant::now();
+    // Serving, not only bound: the listener is bound before the "listening" line is logged,
+    // and /healthz answers only after it.
+    let healthz = format!("http://{listen}/healthz");
     loop {
-        if tokio::net::TcpStream::connect(&listen).await.is_ok() {
-            break;
+        if let Ok(r) = reqwest::get(&healthz).await {
+            if r.status().is_success() {
+                break;
+            }
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("serve exited with {status} instead of using --database-url");
