@@ -53,9 +53,12 @@ curl -fs -X POST "$base/api/recharge" -H "Authorization: Bearer $user_token" \
 admin_token=$(sed -n 's/.*DEMO MODE: admin token \([0-9a-f]\{64\}\).*/\1/p' "$out/service.log" | head -n 1)
 [ -n "$admin_token" ] || { echo "schemathesis: no demo admin token in the log" >&2; exit 1; }
 
+# One worker: with two, Hypothesis describes lambdas from two threads at once and CPython
+# 3.11's parser can fail with "AST constructor recursion depth mismatch" (a tool error, not a
+# finding; seen once in CI).
 run() {
   "$venv/bin/schemathesis" run "$base/api/openapi.json" \
-    --checks all --max-examples "${SCHEMATHESIS_EXAMPLES:-25}" --workers 2 \
+    --checks all --max-examples "${SCHEMATHESIS_EXAMPLES:-25}" --workers 1 \
     --seed 1 --exclude-path /api/stripe/webhook "$@"
 }
 echo "== user endpoints =="
