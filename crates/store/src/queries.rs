@@ -65,6 +65,31 @@ pub async fn projected_credits(client: &Client, account: &str) -> anyhow::Result
         .map_or(0, |r| r.get(0)))
 }
 
+/// An account's projected balance, and whether its projection is behind its journal: one
+/// round trip for the hottest read (`GET /api/stats`), which catches up only when behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnBalance {
+    pub credits: i64,
+    pub behind: bool,
+}
+
+pub async fn own_balance(client: &Client, account: &str) -> anyhow::Result<OwnBalance> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(u.credits, 0) AS credits,
+                    coalesce((SELECT max(e.sequence) FROM events e
+                               WHERE e.aggregate_type = $1 AND e.aggregate_id = $2), 0)
+                      > coalesce(u.last_sequence, 0) AS behind
+               FROM (SELECT 1) AS one LEFT JOIN users u ON u.id = $2",
+            &[&CreditAccount::TYPE, &account],
+        )
+        .await?;
+    Ok(OwnBalance {
+        credits: row.try_get("credits")?,
+        behind: row.try_get("behind")?,
+    })
+}
+
 /// The outcome recorded for a Stripe event already handled, if it was.
 pub async fn stripe_event_outcome(
     client: &Client,

@@ -66,8 +66,17 @@ async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError
 }
 
 async fn stats(state: web::Data<AppState>, user: AuthUser) -> Result<HttpResponse, ApiError> {
-    let client = state.read_own(&user.0).await?;
-    let credits = credit_store::queries::projected_credits(&client, user.0.as_str()).await?;
+    // Read-your-writes in one round trip when the projection is current (the usual case);
+    // otherwise catch the account up and read again.
+    let mut client = state.read().await?;
+    let mut own = credit_store::queries::own_balance(&client, user.0.as_str()).await?;
+    if own.behind {
+        credit_store::projector::catch_up(&mut client, user.0.as_str())
+            .await
+            .map_err(ApiError::from_store)?;
+        own = credit_store::queries::own_balance(&client, user.0.as_str()).await?;
+    }
+    let credits = own.credits;
     let c = &state.config;
     Ok(HttpResponse::Ok().json(json!({
         "user_id": user.0.as_str(),
