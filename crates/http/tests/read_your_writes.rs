@@ -1,7 +1,7 @@
 //! Read-your-writes across processes: two service processes on one database; every command
 //! goes to one and the read of its effect to the other, a thousand times per endpoint, with
 //! no sleep and no retry. A read that finds its account's projection behind the journal
-//! brings that account up to date first (`Projector::catch_up`).
+//! brings that account up to date first (`credit_store::projector::catch_up`).
 #![allow(clippy::unwrap_used)]
 
 mod common;

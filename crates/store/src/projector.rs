@@ -109,14 +109,6 @@ impl Projector {
         }
     }
 
-    /// Read-your-writes: brings one account's read tables up to its journal before a read, so
-    /// a user who was just answered sees what the answer said, on any process. See
-    /// [`catch_up`]. Returns the events applied.
-    pub async fn catch_up(&self, account: &str) -> anyhow::Result<u64> {
-        let mut client = self.pool.get().await.context("projector connection")?;
-        catch_up(&mut client, account).await
-    }
-
     /// Projects one batch; returns how many outbox rows it consumed.
     pub async fn run_batch(&self, interrupt: Option<Interrupt>) -> anyhow::Result<u64> {
         Ok(self.batch(interrupt).await?.0)
@@ -176,19 +168,7 @@ impl Projector {
                 events_of,
             )
         )?;
-        let rows = rows
-            .into_iter()
-            .map(|r| {
-                let Json(event): Json<CreditEvent> = r.try_get("payload")?;
-                Ok(Row {
-                    account: r.try_get("aggregate_id")?,
-                    sequence: r.try_get("sequence")?,
-                    event,
-                    recorded_at: r.try_get("recorded_at")?,
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-            .context("decoding journal events")?;
+        let rows = decode_rows(rows)?;
         let applied = rows.len() as u64;
 
         apply_rows(&tx, &rows).await?;
@@ -260,19 +240,7 @@ pub async fn catch_up(
             &[&CreditAccount::TYPE, &account],
         )
         .await?;
-    let rows = rows
-        .into_iter()
-        .map(|r| {
-            let Json(event): Json<CreditEvent> = r.try_get(2)?;
-            Ok(Row {
-                account: r.get(0),
-                sequence: r.get(1),
-                event,
-                recorded_at: r.get(3),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()
-        .context("decoding journal events")?;
+    let rows = decode_rows(rows)?;
     if rows.is_empty() {
         return Ok(0);
     }
@@ -309,6 +277,22 @@ async fn query(
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     let statement = tx.prepare_cached(sql).await?;
     tx.query(&statement, params).await
+}
+
+/// Journal rows (`aggregate_id, sequence, payload, recorded_at`) as events to project.
+fn decode_rows(rows: Vec<tokio_postgres::Row>) -> anyhow::Result<Vec<Row>> {
+    rows.into_iter()
+        .map(|r| {
+            let Json(event): Json<CreditEvent> = r.try_get("payload")?;
+            Ok(Row {
+                account: r.try_get("aggregate_id")?,
+                sequence: r.try_get("sequence")?,
+                event,
+                recorded_at: r.try_get("recorded_at")?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("decoding journal events")
 }
 
 /// Checkpoint and balance of one account after a batch.

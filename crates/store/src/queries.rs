@@ -179,6 +179,16 @@ pub struct PendingRecharge {
     pub created_at: DateTime<Utc>,
 }
 
+impl PendingRecharge {
+    fn read(r: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            user_id: r.try_get("user_id")?,
+            recharge_id: r.try_get("id")?,
+            created_at: r.try_get("created_at")?,
+        })
+    }
+}
+
 /// Recharges pending for more than `older_than_secs`, oldest first.
 pub async fn pending_recharges(
     client: &Client,
@@ -195,12 +205,8 @@ pub async fn pending_recharges(
         .await?;
     Ok(rows
         .iter()
-        .map(|r| PendingRecharge {
-            user_id: r.get("user_id"),
-            recharge_id: r.get("id"),
-            created_at: r.get("created_at"),
-        })
-        .collect())
+        .map(PendingRecharge::read)
+        .collect::<Result<_, _>>()?)
 }
 
 /// Every recharge created since `since` that went to `provider`, for `reconcile`.
@@ -219,12 +225,8 @@ pub async fn recharges_since(
         .await?;
     Ok(rows
         .iter()
-        .map(|r| PendingRecharge {
-            user_id: r.get("user_id"),
-            recharge_id: r.get("id"),
-            created_at: r.get("created_at"),
-        })
-        .collect())
+        .map(PendingRecharge::read)
+        .collect::<Result<_, _>>()?)
 }
 
 /// A task the read table shows unsettled, for the settlement job. Candidates only: what to
