@@ -80,6 +80,19 @@ impl ApiError {
     }
 
     /// 500: our own failure (database). The cause is logged, never sent.
+    /// A write whose connection broke after it was sent, the journal unreadable since: it
+    /// may or may not have been done. The same request with the same `Idempotency-Key`
+    /// finds out (a done command is answered as the repeat it then is).
+    pub fn outcome_unknown(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "a write's outcome is unknown");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outcome_unknown",
+            "the database stopped answering while this request was being recorded; it may or \
+             may not have been done: send it again with the same Idempotency-Key to find out",
+        )
+    }
+
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
         Self::new(
@@ -113,7 +126,12 @@ impl ApiError {
         if let Some(id) = request_id {
             body.insert("request_id".into(), json!(id));
         }
-        HttpResponse::build(self.status).json(json!({ "error": body }))
+        let mut answer = HttpResponse::build(self.status);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 here is worth retrying soon (the database back, the account calmer).
+            answer.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+        }
+        answer.json(json!({ "error": body }))
     }
 }
 
@@ -216,6 +234,8 @@ impl From<ExecuteError> for ApiError {
                 "account_busy",
                 "too many concurrent requests for this account; retry shortly",
             ),
+            ExecuteError::Unavailable(cause) => ApiError::database_unavailable(cause),
+            ExecuteError::Unknown(cause) => ApiError::outcome_unknown(cause),
             ExecuteError::Store(cause) => ApiError::internal(cause),
         }
     }

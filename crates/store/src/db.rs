@@ -34,6 +34,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_append_only",
         include_str!("../../../migrations/0006_append_only.sql"),
     ),
+    (
+        "0007_append_fences",
+        include_str!("../../../migrations/0007_append_fences.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.
@@ -152,16 +156,28 @@ pub fn read_pool(url: &str, size: usize) -> anyhow::Result<Pool> {
         .context("building the read pool")
 }
 
+/// How long a write-side statement may run (appends take milliseconds).
+pub const WRITE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a write waits for a write-side connection.
+pub const WRITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// The write-side pool for postgres-es, built with explicit options (postgres-es's own
 /// `default_postgress_pool` panics on a connection error).
 pub async fn write_pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url
         .parse()
         .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    // A statement held up (a lock taken by maintenance, a starved server) ends within
+    // `WRITE_STATEMENT_TIMEOUT`, so a write is answered in time; its fence then tells that it
+    // did not commit (crates/store/src/executor.rs).
+    let options = options.options([(
+        "statement_timeout",
+        format!("{}ms", WRITE_STATEMENT_TIMEOUT.as_millis()),
+    )]);
     PgPoolOptions::new()
         .max_connections(size)
         .min_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(WRITE_ACQUIRE_TIMEOUT)
         .connect_with(options)
         .await
         .context("connecting the journal pool")

@@ -47,6 +47,25 @@ pub const MAX_BATCH: usize = 256;
 /// for its commit to be flushed, the next one's statement runs (see docs/BENCHMARKS.md).
 pub const COMMITTERS: usize = 2;
 const MAX_ATTEMPTS: u32 = 12;
+/// How long, after a connection broke with an append sent, the journal is read again to
+/// learn whether the append committed, before the outcome is answered as unknown.
+const VERIFY_FOR: Duration = Duration::from_secs(3);
+/// A command is answered within this (as "unknown" if its batch has not finished by then):
+/// a write request never waits longer for the journal, whatever the database does.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// Append fences are kept this long, and swept every this many appends.
+const KEEP_FENCES: Duration = Duration::from_secs(600);
+const SWEEP_FENCES_EVERY: u64 = 4096;
+
+/// The smallest UUIDv7 of the millisecond `age` before `fence`'s: fences below it are older.
+fn fence_before(fence: uuid::Uuid, age: Duration) -> uuid::Uuid {
+    let (seconds, nanos) = fence.get_timestamp().map_or((0, 0), |t| t.to_unix());
+    let millis = (u128::from(seconds) * 1000 + u128::from(nanos) / 1_000_000)
+        .saturating_sub(age.as_millis());
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&(millis as u64).to_be_bytes()[2..]);
+    uuid::Uuid::from_bytes(bytes)
+}
 
 /// What a command committed.
 #[derive(Debug, Clone)]
@@ -66,9 +85,53 @@ pub enum ExecuteError {
     /// Other writers kept winning the race for this account; nothing was written.
     #[error("account {0} is too busy, gave up after {MAX_ATTEMPTS} attempts")]
     Contended(String),
-    /// The database failed or refused the command's events; nothing was written.
+    /// The database could not be reached, or went away before the command's events were
+    /// sent or while they were refused: nothing was written, and the command may be sent
+    /// again.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The command's events were sent and no answer came back (the connection broke, the
+    /// server shut down), and the journal could not be read afterwards to tell whether they
+    /// were committed: the command may or may not have been carried out. Sending it again
+    /// under the same idempotency key finds out (a committed one is answered as a repeat).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// The database refused the command's events for a reason of its own (a value it cannot
+    /// store); nothing was written.
     #[error("event store error: {0}")]
     Store(String),
+}
+
+impl ExecuteError {
+    /// A failed read (loading an account, checking who moved): nothing was written, so a
+    /// connection lost or a server going away is `Unavailable`; a refusal is `Store`.
+    fn from_read(e: sqlx::Error) -> Self {
+        if connection_lost(&e) {
+            Self::Unavailable(e.to_string())
+        } else {
+            Self::Store(e.to_string())
+        }
+    }
+}
+
+/// Whether `e` is the connection or the server failing rather than a statement refused:
+/// no connection in time, a broken connection, or a server shutting down, out of resources
+/// or failing (SQLSTATE classes 08, 53, 57, 58 and XX).
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["08", "53", "57", "58", "XX"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
 }
 
 type Reply = Result<Committed, ExecuteError>;
@@ -109,6 +172,8 @@ struct Inner {
     pool: sqlx::PgPool,
     queue: StdMutex<Queue>,
     appended: Arc<Notify>,
+    /// Appends sent by this process (for sweeping old fences).
+    appends: std::sync::atomic::AtomicU64,
 }
 
 impl Ledger {
@@ -129,6 +194,7 @@ impl Ledger {
                 committers: 0,
             }),
             appended: Arc::new(Notify::new()),
+            appends: std::sync::atomic::AtomicU64::new(0),
         };
         Self {
             inner: Arc::new(inner),
@@ -168,9 +234,15 @@ impl Ledger {
                 reply,
             },
         );
-        let answer = answer
-            .await
-            .unwrap_or_else(|_| Err(ExecuteError::Store("command was dropped".to_owned())));
+        // The committer carries the command through whatever the caller does; past the
+        // deadline, the caller is told that the outcome is not known yet.
+        let answer = match tokio::time::timeout(ANSWER_WITHIN, answer).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ExecuteError::Store("command was dropped".to_owned())),
+            Err(_) => Err(ExecuteError::Unknown(format!(
+                "no answer from the journal within {ANSWER_WITHIN:?}"
+            ))),
+        };
         let outcome = match &answer {
             Ok(done) => {
                 let events: Vec<CreditEvent> =
@@ -180,6 +252,8 @@ impl Ledger {
             }
             Err(ExecuteError::Rejected(_)) => crate::metrics::Outcome::Rejected,
             Err(ExecuteError::Contended(_)) => crate::metrics::Outcome::Contended,
+            Err(ExecuteError::Unavailable(_)) => crate::metrics::Outcome::Unavailable,
+            Err(ExecuteError::Unknown(_)) => crate::metrics::Outcome::Unknown,
             Err(ExecuteError::Store(_)) => crate::metrics::Outcome::StoreError,
         };
         crate::metrics::command(&counted, outcome);
@@ -199,6 +273,9 @@ impl Inner {
             .await
             .map_err(|e| match e {
                 AggregateError::UserError(refused) => ExecuteError::Rejected(refused),
+                AggregateError::DatabaseConnectionError(e) => {
+                    ExecuteError::Unavailable(e.to_string())
+                }
                 other => ExecuteError::Store(other.to_string()),
             })?;
         Ok(Kept {
@@ -233,7 +310,7 @@ impl Inner {
         {
             Ok(rows) => rows,
             Err(e) => {
-                let e = ExecuteError::Store(e.to_string());
+                let e = ExecuteError::from_read(e);
                 return ids
                     .iter()
                     .map(|&id| (id.to_owned(), Err(e.clone())))
@@ -394,7 +471,7 @@ impl Inner {
                     // A unique violation that no other writer explains: a refusal.
                     Ok(_) => e,
                     Err(e) => {
-                        fail_decided(groups, &chunk, &e);
+                        fail_decided(groups, &chunk, e);
                         continue;
                     }
                 },
@@ -406,7 +483,12 @@ impl Inner {
                     continue;
                 }
                 Err(AppendError::Unavailable(e)) => {
-                    fail_decided(groups, &chunk, &e);
+                    fail_decided(groups, &chunk, ExecuteError::Unavailable(e));
+                    continue;
+                }
+                Err(AppendError::Unknown(e)) => {
+                    tracing::error!(error = %e, "an append's outcome is unknown: the connection broke after it was sent and the journal could not be read since");
+                    fail_decided(groups, &chunk, ExecuteError::Unknown(e));
                     continue;
                 }
                 Err(AppendError::Refused(e)) => e,
@@ -431,7 +513,14 @@ impl Inner {
             rows.add(&groups[i])
                 .map_err(|e| AppendError::Refused(e.to_string()))?;
         }
-        sqlx::query(APPEND)
+        let fence = uuid::Uuid::now_v7();
+        // Taken first, so that failing to get a connection is known to have sent nothing.
+        let mut connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+        let sent = sqlx::query(APPEND)
             .bind(CreditAccount::TYPE)
             .bind(&rows.accounts)
             .bind(&rows.sequences)
@@ -443,14 +532,81 @@ impl Inner {
             .bind(&rows.snapshots.sequences)
             .bind(&rows.snapshots.counters)
             .bind(&rows.snapshots.payloads)
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(AppendError::from)
+            .bind(fence.to_string())
+            .execute(&mut *connection)
+            .await;
+        drop(connection);
+        self.appends_since_sweep(fence);
+        match sent {
+            Ok(_) => Ok(()),
+            Err(e) if connection_lost(&e) => self.resolve(fence, e.to_string()).await,
+            Err(e) => Err(AppendError::of_refusal(e)),
+        }
+    }
+
+    /// After the connection broke with an append sent: learns from its fence whether it
+    /// committed, on another connection, trying for up to `VERIFY_FOR`. Inserting the fence's
+    /// key ourselves either conflicts (the append committed) or succeeds (it did not, and now
+    /// never will); an append still running is waited for.
+    async fn resolve(&self, fence: uuid::Uuid, lost: String) -> Result<(), AppendError> {
+        let deadline = tokio::time::Instant::now() + VERIFY_FOR;
+        let mut pause = Duration::from_millis(50);
+        let mut last_error = lost.clone();
+        loop {
+            let claim = sqlx::query(
+                "INSERT INTO append_fences (id) VALUES ($1::uuid) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(fence.to_string())
+            .execute(&self.pool);
+            match tokio::time::timeout_at(deadline, claim).await {
+                Ok(Ok(claimed)) if claimed.rows_affected() == 0 => {
+                    tracing::warn!(error = %lost, "the connection broke after an append was sent; its fence shows it committed");
+                    return Ok(());
+                }
+                Ok(Ok(_)) => {
+                    return Err(AppendError::Unavailable(format!(
+                        "{lost} (its fence shows the append did not commit)"
+                    )))
+                }
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => return Err(AppendError::Unknown(last_error)),
+            }
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(AppendError::Unknown(last_error));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Every `SWEEP_FENCES_EVERY` appends, deletes (in the background) the fences older than
+    /// `KEEP_FENCES`: by then no append of theirs can still be in doubt.
+    fn appends_since_sweep(&self, fence: uuid::Uuid) {
+        let n = self
+            .appends
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !n.is_multiple_of(SWEEP_FENCES_EVERY) {
+            return;
+        }
+        let pool = self.pool.clone();
+        let cutoff = fence_before(fence, KEEP_FENCES);
+        tokio::spawn(async move {
+            if let Err(e) = sqlx::query("DELETE FROM append_fences WHERE id < $1::uuid")
+                .bind(cutoff.to_string())
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(error = %e, "sweeping old append fences failed; the next sweep retries");
+            }
+        });
     }
 
     /// The accounts of `chunk` whose journal has moved past the state they were decided on.
-    async fn moved(&self, groups: &[Group], chunk: &[usize]) -> Result<HashSet<String>, String> {
+    async fn moved(
+        &self,
+        groups: &[Group],
+        chunk: &[usize],
+    ) -> Result<HashSet<String>, ExecuteError> {
         let accounts: Vec<&str> = chunk.iter().map(|&i| groups[i].account.as_str()).collect();
         let last: Vec<(String, i64)> = sqlx::query_as(
             "SELECT aggregate_id, max(sequence) FROM events
@@ -461,7 +617,7 @@ impl Inner {
         .bind(&accounts)
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ExecuteError::from_read)?;
         let last: HashMap<String, i64> = last.into_iter().collect();
         Ok(chunk
             .iter()
@@ -479,7 +635,9 @@ impl Inner {
 /// The append of a batch: events in order (each account's in sequence order, accounts in
 /// a fixed order so that concurrent writers lock keys in the same order), through the
 /// journal's insert trigger (hash chain and outbox, row by row as for single inserts); and
-/// the snapshots due, written only over an older one.
+/// the snapshots due, written only over an older one; and the statement's fence
+/// (migrations/0007_append_fences.sql), which tells after a broken connection whether it
+/// committed.
 const APPEND: &str = "
 WITH appended AS (
     INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
@@ -502,8 +660,12 @@ WITH appended AS (
            payload = EXCLUDED.payload
      WHERE snapshots.last_sequence < EXCLUDED.last_sequence
     RETURNING 1
+), fence AS (
+    INSERT INTO append_fences (id) VALUES ($12::uuid)
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM snapshot)";
+SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM snapshot),
+       (SELECT count(*) FROM fence)";
 
 /// The accounts' snapshots, and their events after the snapshot (or all), in sequence order:
 /// a snapshot row (`snapshot` not null) comes before its account's events.
@@ -590,15 +752,19 @@ enum AppendError {
     Transient(String),
     /// The database refused the statement (a value it cannot store, a constraint).
     Refused(String),
-    /// No answer from the database (connection, pool).
+    /// Not written: no connection, or the statement is known not to have been committed.
     Unavailable(String),
+    /// Sent, no answer, and the journal could not be read since to tell.
+    Unknown(String),
 }
 
-impl From<sqlx::Error> for AppendError {
-    fn from(e: sqlx::Error) -> Self {
+impl AppendError {
+    /// Classifies the failure of a statement that the database answered (not a lost
+    /// connection): the transaction was rolled back.
+    fn of_refusal(e: sqlx::Error) -> Self {
         let code = match &e {
             sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-            _ => return Self::Unavailable(e.to_string()),
+            _ => None,
         };
         match code.as_deref() {
             Some("23505") => Self::Conflict(e.to_string()),
@@ -608,9 +774,9 @@ impl From<sqlx::Error> for AppendError {
     }
 }
 
-fn fail_decided(groups: &mut [Group], chunk: &[usize], error: &str) {
+fn fail_decided(groups: &mut [Group], chunk: &[usize], error: ExecuteError) {
     for &i in chunk {
-        groups[i].fail_decided(&ExecuteError::Store(error.to_owned()));
+        groups[i].fail_decided(&error);
     }
 }
 

@@ -16,6 +16,8 @@ pub enum Outcome {
     Committed,
     Rejected,
     Contended,
+    Unavailable,
+    Unknown,
     StoreError,
 }
 
@@ -25,6 +27,8 @@ impl Outcome {
             Outcome::Committed => "committed",
             Outcome::Rejected => "rejected",
             Outcome::Contended => "contended",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Unknown => "unknown",
             Outcome::StoreError => "store_error",
         }
     }

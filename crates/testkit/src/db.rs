@@ -32,8 +32,12 @@ impl TestDb {
     /// [`crate::postgres::PrivatePostgres`].
     pub async fn on_server(base: &str, write: u32, read: usize) -> Self {
         let name = format!("credit_ledger_test_{}", uuid::Uuid::new_v4().simple());
+        let (base, query) = match base.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (base, String::new()),
+        };
         let url = match base.rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{name}"),
+            Some((server, _)) => format!("{server}/{name}{query}"),
             None => panic!("the server URL has no database part: {base}"),
         };
         let mut config = DbConfig::new(url.clone());
