@@ -62,7 +62,44 @@ def peak_rss_mb():
                 return int(line.split()[1]) / 1024
     return float("nan")
 
+def scrape():
+    """The service's /metrics (open: the bench sets no METRICS_TOKEN) as {name{labels}: value}."""
+    host = BASE.split("//")[1]
+    conn = http.client.HTTPConnection(host, timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                values[key] = float(value)
+            except ValueError:
+                pass
+    return values
+
+class LagSampler(threading.Thread):
+    """Samples the projector's lag (age of the oldest unprojected event) every 250 ms."""
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop = threading.Event(); self.max_lag = 0.0; self.max_pending = 0
+    def run(self):
+        while not self.stop.wait(0.25):
+            try:
+                m = scrape()
+            except OSError:
+                continue
+            self.max_lag = max(self.max_lag, m.get("projector_lag_seconds", 0.0))
+            self.max_pending = max(self.max_pending, int(m.get("projector_pending_events", 0)))
+
+def own_reads():
+    m = scrape()
+    return (m.get('own_reads_total{projection="current"}', 0.0),
+            m.get('own_reads_total{projection="caught_up"}', 0.0))
+
 def run_wrk(name, method, path, body):
+    sampler = LagSampler(); sampler.start()
+    before = own_reads()
     script = os.path.join(OUT, f"{name}.lua")
     with open(script, "w") as f:
         f.write(LUA % {"tokens": os.path.join(OUT, "tokens.txt"), "method": method, "path": path,
@@ -73,8 +110,13 @@ def run_wrk(name, method, path, body):
     fields = dict(kv.split("=") for kv in m.group(1).split())
     n = int(fields["requests"]); secs = int(fields["duration_us"]) / 1e6
     errors = sum(int(fields[k]) for k in ("non2xx", "connect", "read", "write", "timeout"))
+    sampler.stop.set(); sampler.join()
+    after = own_reads()
+    current, caught_up = after[0] - before[0], after[1] - before[1]
     return {"endpoint": f"{method} {path}", "requests": n, "rps": n / secs,
-            "p50_ms": int(fields["p50_us"]) / 1000, "p99_ms": int(fields["p99_us"]) / 1000, "errors": errors}
+            "p50_ms": int(fields["p50_us"]) / 1000, "p99_ms": int(fields["p99_us"]) / 1000, "errors": errors,
+            "max_lag_s": sampler.max_lag, "max_pending": sampler.max_pending,
+            "own_reads": int(current + caught_up), "caught_up": int(caught_up)}
 
 def main():
     os.makedirs(OUT, exist_ok=True)
@@ -88,9 +130,11 @@ def main():
     results = [run_wrk("generate", "POST", "/api/video/generate", json.dumps({"prompt": "benchmark: a red fox running through snow"})),
                run_wrk("stats", "GET", "/api/stats", None)]
     rss = peak_rss_mb()
-    print(f"{'endpoint':<26}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'endpoint':<26}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'max lag s':>11}{'pending':>9}{'own reads':>11}{'caught up':>11}")
     for r in results:
-        print(f"{r['endpoint']:<26}{r['requests']:>10}{r['rps']:>10.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8}")
+        print(f"{r['endpoint']:<26}{r['requests']:>10}{r['rps']:>10.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8}"
+              f"{r['max_lag_s']:>11.3f}{r['max_pending']:>9}{r['own_reads']:>11}{r['caught_up']:>11}")
     print(f"service peak RSS: {rss:.1f} MB")
     with open(os.path.join(OUT, "http.json"), "w") as f:
         json.dump({"results": results, "peak_rss_mb": rss}, f, indent=2)

@@ -76,3 +76,10 @@ pub fn appended(events: &[CreditEvent]) {
         metrics::counter!(name).increment(delta.unsigned_abs());
     }
 }
+
+/// A user's own read checked its account's projection: `caught_up` when it was behind the
+/// journal and the read projected it first (read-your-writes), `current` when it was not.
+pub fn own_read(behind: bool) {
+    let projection = if behind { "caught_up" } else { "current" };
+    metrics::counter!("own_reads_total", "projection" => projection).increment(1);
+}

@@ -210,15 +210,18 @@ pub async fn catch_up(
     client: &mut deadpool_postgres::Object,
     account: &str,
 ) -> anyhow::Result<u64> {
-    let behind: bool = client
-        .query_one(
+    let check = client
+        .prepare_cached(
             "SELECT coalesce((SELECT max(sequence) FROM events
                                WHERE aggregate_type = $1 AND aggregate_id = $2), 0)
                   > coalesce((SELECT last_sequence FROM users WHERE id = $2), 0)",
-            &[&CreditAccount::TYPE, &account],
         )
+        .await?;
+    let behind: bool = client
+        .query_one(&check, &[&CreditAccount::TYPE, &account])
         .await?
         .get(0);
+    crate::metrics::own_read(behind);
     if !behind {
         return Ok(0);
     }

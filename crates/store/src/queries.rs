@@ -73,16 +73,22 @@ pub struct OwnBalance {
     pub behind: bool,
 }
 
-pub async fn own_balance(client: &Client, account: &str) -> anyhow::Result<OwnBalance> {
-    let row = client
-        .query_one(
+pub async fn own_balance(
+    client: &deadpool_postgres::ClientWrapper,
+    account: &str,
+) -> anyhow::Result<OwnBalance> {
+    // Through the connection's statement cache: one round trip, parsed once per connection.
+    let statement = client
+        .prepare_cached(
             "SELECT coalesce(u.credits, 0) AS credits,
                     coalesce((SELECT max(e.sequence) FROM events e
                                WHERE e.aggregate_type = $1 AND e.aggregate_id = $2), 0)
                       > coalesce(u.last_sequence, 0) AS behind
                FROM (SELECT 1) AS one LEFT JOIN users u ON u.id = $2",
-            &[&CreditAccount::TYPE, &account],
         )
+        .await?;
+    let row = client
+        .query_one(&statement, &[&CreditAccount::TYPE, &account])
         .await?;
     Ok(OwnBalance {
         credits: row.try_get("credits")?,

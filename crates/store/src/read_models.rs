@@ -4,7 +4,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio_postgres::{Client, Row};
+// A pooled connection: its statement cache parses each query once per connection, so a read
+// is one round trip (a plain `tokio_postgres::Client` would parse the text on every call).
+use deadpool_postgres::ClientWrapper as Client;
+use tokio_postgres::Row;
 
 /// A page request: at most `limit` records, newest first, strictly before `before`
 /// (`created_at`, `id`) when given.
@@ -51,15 +54,15 @@ async fn page<T>(
         Some((at, id)) => (Some(*at), Some(id.as_str())),
         None => (None, None),
     };
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {columns} FROM {table}
+              WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+              ORDER BY created_at DESC, id DESC LIMIT $4"
+        ))
+        .await?;
     let rows = client
-        .query(
-            &format!(
-                "SELECT {columns} FROM {table}
-                  WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-                  ORDER BY created_at DESC, id DESC LIMIT $4"
-            ),
-            &[&user, &at, &id, &(keyset.limit + 1)],
-        )
+        .query(&statement, &[&user, &at, &id, &(keyset.limit + 1)])
         .await?;
     let mut records = rows.iter().map(read).collect::<Result<Vec<_>, _>>()?;
     let more = records.len() as i64 > keyset.limit;
@@ -148,12 +151,12 @@ pub async fn task(
     user: &str,
     task_id: &str,
 ) -> anyhow::Result<Option<TaskRecord>> {
-    let row = client
-        .query_opt(
-            &format!("SELECT {TASK_COLUMNS} FROM video_tasks WHERE id = $1 AND user_id = $2"),
-            &[&task_id, &user],
-        )
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLUMNS} FROM video_tasks WHERE id = $1 AND user_id = $2"
+        ))
         .await?;
+    let row = client.query_opt(&statement, &[&task_id, &user]).await?;
     Ok(row.as_ref().map(TaskRecord::read).transpose()?)
 }
 

@@ -71,10 +71,13 @@ async fn stats(state: web::Data<AppState>, user: AuthUser) -> Result<HttpRespons
     let mut client = state.read().await?;
     let mut own = credit_store::queries::own_balance(&client, user.0.as_str()).await?;
     if own.behind {
+        // (Counted in `own_reads_total` by the catch-up.)
         credit_store::projector::catch_up(&mut client, user.0.as_str())
             .await
             .map_err(ApiError::from_store)?;
         own = credit_store::queries::own_balance(&client, user.0.as_str()).await?;
+    } else {
+        credit_store::metrics::own_read(false);
     }
     let credits = own.credits;
     let c = &state.config;
