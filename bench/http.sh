@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # HTTP benchmark: the release service against a local fake Grsai that answers at once,
 # 10,000 users, wrk as the load generator; then, in the same run, the plain-SQL baseline
-# of the core benchmark for the ratio. Usage: bash bench/http.sh
+# of the core benchmark for the ratio (BENCH_BASELINE=0 skips it). Usage: bash bench/http.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p credit-ledger -p credit-testkit --bin credit-ledger --bin fake-grsai
+# BENCH_SERVICE: another build of the service to measure (e.g. a copy of an earlier commit's
+# target/release/credit-ledger, to compare two builds run after run on the same machine).
+service="${BENCH_SERVICE:-target/release/credit-ledger}"
 
 out=target/bench; mkdir -p "$out"
 db="credit_ledger_httpbench_$$"
@@ -31,7 +34,7 @@ AUTH_JWT_SECRET="$secret" ADMIN_TOKEN="$admin" GRSAI_API_KEY=bench-key \
 STRIPE_SECRET_KEY=sk_test_bench STRIPE_WEBHOOK_SECRET=whsec_bench STRIPE_API_BASE=http://127.0.0.1:9 \
 RATE_LIMIT_GENERATE=off RATE_LIMIT_RECHARGE=off \
 GRSAI_API_BASE="$(cat "$out/fake-grsai.url")" RUST_LOG=warn \
-  target/release/credit-ledger serve > "$out/service.log" 2>&1 &
+  "$service" serve > "$out/service.log" 2>&1 &
 svc_pid=$!
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 
@@ -39,5 +42,6 @@ echo "== HTTP benchmark ($(nproc) cores, wrk -t2 -c${BENCH_CONNECTIONS:-32} -d${
 BENCH_BASE="http://127.0.0.1:$port" BENCH_JWT_SECRET="$secret" BENCH_ADMIN_TOKEN="$admin" \
 BENCH_PID="$svc_pid" python3 bench/http_bench.py
 
+[ "${BENCH_BASELINE:-1}" = 0 ] && exit 0
 echo "== plain-SQL baseline, same run =="
 cargo run --release -q -p credit-bench --bin ledger-bench -- --audit-events 0 --workers 16 --seconds 8 | grep -E "^(scenario|spread|hot)" | head -3
