@@ -50,6 +50,19 @@ pub struct Discrepancy {
     pub detail: String,
 }
 
+impl Discrepancy {
+    /// A read-table row of `account` that no event explains.
+    fn unknown_row(kind: &'static str, account: &str, detail: String) -> Self {
+        Self {
+            kind,
+            account: Some(account.to_owned()),
+            position: None,
+            sequence: None,
+            detail,
+        }
+    }
+}
+
 impl std::fmt::Display for Discrepancy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.kind)?;
@@ -544,18 +557,14 @@ impl CopyDecoder {
 
 /// The replay of the journal, event by event, in global order.
 struct Replay<'c> {
-    accounts: Vec<AccountState>,
-    index: HashMap<String, usize>,
-    expected: Expected,
-    totals: Totals,
-    discrepancies: Vec<Discrepancy>,
-    checked: u64,
-    last_position: i64,
+    found: Replayed,
     head_check: Option<HeadCheck<'c>>,
+    /// Events replayed so far, for the progress bar.
     done: &'c AtomicU64,
 }
 
 /// What the replay found and built, for the comparison with the read tables.
+#[derive(Default)]
 struct Replayed {
     accounts: Vec<AccountState>,
     index: HashMap<String, usize>,
@@ -569,13 +578,7 @@ struct Replayed {
 impl<'c> Replay<'c> {
     fn new(checkpoint: Option<&'c Checkpoint>, done: &'c AtomicU64) -> Self {
         Self {
-            accounts: Vec::new(),
-            index: HashMap::default(),
-            expected: Expected::default(),
-            totals: Totals::default(),
-            discrepancies: Vec::new(),
-            checked: 0,
-            last_position: 0,
+            found: Replayed::default(),
             head_check: checkpoint.map(HeadCheck::new),
             done,
         }
@@ -591,26 +594,28 @@ impl<'c> Replay<'c> {
             event_type,
             ..
         } = row;
-        self.checked += 1;
-        if self.checked.is_multiple_of(PROGRESS_EVERY) {
-            self.done.store(self.checked, Ordering::Relaxed);
+        self.found.checked += 1;
+        if self.found.checked.is_multiple_of(PROGRESS_EVERY) {
+            self.done.store(self.found.checked, Ordering::Relaxed);
         }
-        let at = match self.index.get(account) {
+        let at = match self.found.index.get(account) {
             Some(&i) => i,
             None => {
-                self.index.insert(account.to_owned(), self.accounts.len());
-                self.accounts.push(AccountState {
+                self.found
+                    .index
+                    .insert(account.to_owned(), self.found.accounts.len());
+                self.found.accounts.push(AccountState {
                     id: account.to_owned(),
                     last_sequence: 0,
                     last_position: 0,
                     last_hash: Vec::new(),
                     balance: 0,
                 });
-                self.accounts.len() - 1
+                self.found.accounts.len() - 1
             }
         };
-        let state = &mut self.accounts[at];
-        let discrepancies = &mut self.discrepancies;
+        let state = &mut self.found.accounts[at];
+        let discrepancies = &mut self.found.discrepancies;
         let found = |kind, detail: String| Discrepancy {
             kind,
             account: Some(account.to_owned()),
@@ -637,7 +642,7 @@ impl<'c> Replay<'c> {
         state.last_position = position;
         state.last_hash.clear();
         state.last_hash.extend_from_slice(row.hash);
-        self.last_position = position;
+        self.found.last_position = position;
         if let Some(check) = self.head_check.as_mut() {
             discrepancies.extend(check.observe(account, sequence, position, row.hash));
         }
@@ -662,24 +667,31 @@ impl<'c> Replay<'c> {
             }
             state.balance = after;
         }
-        record_expectations(event, at, position, &mut self.expected, &mut self.totals);
+        record_expectations(
+            event,
+            at,
+            position,
+            &mut self.found.expected,
+            &mut self.found.totals,
+        );
         Ok(())
     }
 
     /// After the last event: the checkpoint's lost heads and the totals.
     fn finish(mut self) -> Replayed {
-        self.done.store(self.checked, Ordering::Relaxed);
+        self.done.store(self.found.checked, Ordering::Relaxed);
         if let Some(check) = self.head_check {
-            let (index, accounts) = (&self.index, &self.accounts);
-            self.discrepancies
+            let (index, accounts) = (&self.found.index, &self.found.accounts);
+            self.found
+                .discrepancies
                 .extend(check.finish(|a| index.get(a).map(|&i| accounts[i].last_sequence)));
         }
-        let totals = &mut self.totals;
-        totals.balances = self.accounts.iter().map(|a| a.balance).sum();
+        let totals = &mut self.found.totals;
+        totals.balances = self.found.accounts.iter().map(|a| a.balance).sum();
         let flow =
             totals.recharged - totals.spent + totals.refunded + totals.granted - totals.reversed;
         if flow != totals.balances {
-            self.discrepancies.push(Discrepancy {
+            self.found.discrepancies.push(Discrepancy {
                 kind: "totals_mismatch",
                 account: None,
                 position: None,
@@ -690,15 +702,7 @@ impl<'c> Replay<'c> {
                 ),
             });
         }
-        Replayed {
-            accounts: self.accounts,
-            index: self.index,
-            expected: self.expected,
-            totals: self.totals,
-            discrepancies: self.discrepancies,
-            checked: self.checked,
-            last_position: self.last_position,
-        }
+        self.found
     }
 }
 
@@ -840,13 +844,11 @@ async fn check_users(
             let (id, credits, last_sequence) = (text(id)?, int8(credits)?, int8(last_sequence)?);
             totals.projected_balances += credits;
             let Some(&at) = books.index.get(id) else {
-                discrepancies.push(Discrepancy {
-                    kind: "unknown_user",
-                    account: Some(id.to_owned()),
-                    position: None,
-                    sequence: None,
-                    detail: format!("users row with {credits} credits has no events"),
-                });
+                discrepancies.push(Discrepancy::unknown_row(
+                    "unknown_user",
+                    id,
+                    format!("users row with {credits} credits has no events"),
+                ));
                 return Ok(());
             };
             seen[at] = true;
@@ -901,13 +903,11 @@ async fn check_records(
         };
         let (id, user, status, credits) = (text(id)?, text(user)?, text(status)?, int8(credits)?);
         let Some(want) = expected.get_mut(id) else {
-            discrepancies.push(Discrepancy {
-                kind: "unknown_record",
-                account: Some(user.to_owned()),
-                position: None,
-                sequence: None,
-                detail: format!("{table} row {id} has no event"),
-            });
+            discrepancies.push(Discrepancy::unknown_row(
+                "unknown_record",
+                user,
+                format!("{table} row {id} has no event"),
+            ));
             return Ok(());
         };
         want.seen = true;
