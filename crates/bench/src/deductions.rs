@@ -38,11 +38,23 @@ pub struct Run {
     pub failed: u64,
     pub first_error: Option<String>,
     pub seconds: f64,
+    /// Each ledger command's latency, in microseconds (ledger runs only).
+    pub latencies_us: Vec<u32>,
 }
 
 impl Run {
     pub fn rate(&self) -> f64 {
         self.ok as f64 / self.seconds
+    }
+
+    /// The 99th percentile of the latencies, in milliseconds (0 without any).
+    pub fn p99_ms(&self) -> f64 {
+        let mut sorted = self.latencies_us.clone();
+        sorted.sort_unstable();
+        let Some(last) = sorted.len().checked_sub(1) else {
+            return 0.0;
+        };
+        f64::from(sorted[last * 99 / 100]) / 1000.0
     }
 }
 
@@ -101,7 +113,12 @@ pub async fn ledger_run(
                 let id = &ids[accounts.pick(scenario, &mut rng)];
                 n += 1;
                 let command = journal::deduct(format!("{tag}-{n}"));
-                match ledger.execute(id, command, HashMap::new()).await {
+                let started = Instant::now();
+                let result = ledger.execute(id, command, HashMap::new()).await;
+                let micros = started.elapsed().as_micros();
+                run.latencies_us
+                    .push(u32::try_from(micros).unwrap_or(u32::MAX));
+                match result {
                     Ok(_) => run.ok += 1,
                     Err(e) => {
                         run.failed += 1;
@@ -187,6 +204,7 @@ where
         let run = handle.await?;
         total.ok += run.ok;
         total.failed += run.failed;
+        total.latencies_us.extend(run.latencies_us);
         if total.first_error.is_none() {
             total.first_error = run.first_error;
         }

@@ -153,13 +153,18 @@ pub async fn fund(client: &Client, ids: &[String], credits: i64) -> anyhow::Resu
     batch.flush(client).await
 }
 
+/// The id of the `i`-th account of a journal written by `build`.
+pub fn account_id(i: usize) -> String {
+    format!("audit-{i:06}")
+}
+
 /// Writes a journal of about `total` events over `accounts` accounts, interleaved across
 /// accounts like real traffic: a recharge each, then video tasks (a third fail and are
 /// refunded, a third succeed, a third stay submitted). Returns the events written.
+/// With fewer than 3 events per account, each account opens with an admin grant (one
+/// event) instead of a recharge (two), so every account has credits to spend.
 pub async fn build(client: &Client, accounts: usize, total: usize) -> anyhow::Result<u64> {
-    let mut books: Vec<Account> = (0..accounts)
-        .map(|i| Account::new(format!("audit-{i:06}")))
-        .collect();
+    let mut books: Vec<Account> = (0..accounts).map(|i| Account::new(account_id(i))).collect();
     let per_account = total.div_ceil(accounts);
     let mut queues: Vec<VecDeque<(i64, CreditEvent)>> = vec![VecDeque::new(); accounts];
     let mut written = 0u64;
@@ -194,8 +199,17 @@ fn next_commands(
     per_account: usize,
 ) -> Vec<CreditCommand> {
     if account.sequence == 0 {
-        // Enough credit for every task of the history.
-        return recharge(&format!("{}-r1", account.id), 10 * per_account as i64 + 100).to_vec();
+        // Enough credit for every task of the history, and for a few more.
+        let credits = 10 * per_account as i64 + 100;
+        if per_account < 3 {
+            return vec![CreditCommand::Adjust {
+                adjustment_id: format!("{}-grant", account.id),
+                credits,
+                actor: "bench".into(),
+                reason: "opening balance".into(),
+            }];
+        }
+        return recharge(&format!("{}-r1", account.id), credits).to_vec();
     }
     let t = *next_task;
     *next_task += 1;

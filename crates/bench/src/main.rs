@@ -7,6 +7,7 @@
 
 mod deductions;
 mod journal;
+mod scale;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +55,16 @@ struct Args {
     /// Skip the deduction runs (audit part only).
     #[arg(long)]
     skip_deductions: bool,
+    /// Audit part in this database (on the same server), kept afterwards: its journal is
+    /// built and projected only when it has no events yet, so repeated runs time the audit
+    /// alone on the same journal.
+    #[arg(long)]
+    audit_database: Option<String>,
+    /// Cost at scale instead of the runs above: on the audit part's journal
+    /// (`--audit-events` over `--audit-accounts`), spread deductions at the largest of
+    /// `--workers` for `--seconds`, projector lag, bytes on disk per event, audit speed.
+    #[arg(long)]
+    scale: bool,
 }
 
 struct Row {
@@ -86,6 +97,9 @@ async fn main() -> anyhow::Result<()> {
             ""
         }
     );
+    if args.scale {
+        return scale(&args).await;
+    }
     let mut rows = Vec::new();
     if !args.skip_deductions {
         let url = fresh_url(&args.server, "deductions")?;
@@ -94,7 +108,11 @@ async fn main() -> anyhow::Result<()> {
         rows = result?;
         print_table(&rows);
     }
-    let audit = if args.audit_events > 0 {
+    let audit = if let Some(name) = &args.audit_database {
+        let url = database_url(&args.server, name)?;
+        db::ensure_database(&url).await?;
+        Some(audit(&args, &url).await?)
+    } else if args.audit_events > 0 {
         let url = fresh_url(&args.server, "audit")?;
         let result = audit(&args, &url).await;
         db::drop_database(&url).await?;
@@ -107,13 +125,18 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn fresh_url(server: &str, what: &str) -> anyhow::Result<String> {
+    database_url(
+        server,
+        &format!("credit_ledger_bench_{what}_{}", std::process::id()),
+    )
+}
+
+/// The URL of database `name` on the server of `server`.
+fn database_url(server: &str, name: &str) -> anyhow::Result<String> {
     let (base, _) = server
         .rsplit_once('/')
         .context("the server URL has no database part")?;
-    Ok(format!(
-        "{base}/credit_ledger_bench_{what}_{}",
-        std::process::id()
-    ))
+    Ok(format!("{base}/{name}"))
 }
 
 async fn connect(args: &Args, url: &str) -> anyhow::Result<Database> {
@@ -303,29 +326,18 @@ async fn audit(args: &Args, url: &str) -> anyhow::Result<AuditFigures> {
     let database = connect(args, url).await?;
     let mut client = database.read.get().await?;
     println!();
-    println!(
-        "audit: building a journal of {} events over {} accounts ...",
-        args.audit_events, args.audit_accounts
-    );
-    let started = Instant::now();
-    let events = journal::build(&client, args.audit_accounts, args.audit_events).await?;
-    let build_seconds = started.elapsed().as_secs_f64();
-    println!(
-        "  journal written in {build_seconds:.1} s ({:.0} events/s through the hash trigger)",
-        events as f64 / build_seconds
-    );
-    let started = Instant::now();
-    let projector = Projector::new(database.read.clone(), Arc::new(tokio::sync::Notify::new()));
-    // `rebuild` (one outbox row per account) rather than `drain` over a million outbox
-    // rows: the drain applies every event within its first batches but then clears the
-    // outbox at only ~1,600 rows/s (see docs/BENCHMARKS.md).
-    let projected = credit_store::projector::rebuild(&projector).await?;
-    let project_seconds = started.elapsed().as_secs_f64();
-    println!(
-        "  projected in {project_seconds:.1} s ({:.0} events/s by projector::rebuild)",
-        projected as f64 / project_seconds
-    );
-    client.batch_execute("VACUUM ANALYZE").await?;
+    let existing: i64 = client
+        .query_one("SELECT count(*) FROM events", &[])
+        .await?
+        .get(0);
+    let (build_seconds, project_seconds) = if existing > 0 {
+        println!("audit: reusing the journal of {existing} events already in the database");
+        (0.0, 0.0)
+    } else {
+        let built = build_and_project(&database, args.audit_accounts, args.audit_events).await?;
+        client.batch_execute("VACUUM ANALYZE").await?;
+        built
+    };
     let report = credit_store::audit::run(&mut client, None).await?;
     println!(
         "  audit::run: ok={} events={} accounts={} in {:.2} s = {:.0} events/s",
@@ -348,6 +360,72 @@ async fn audit(args: &Args, url: &str) -> anyhow::Result<AuditFigures> {
         audit_seconds: report.elapsed_seconds,
         ok: report.ok,
     })
+}
+
+/// `--scale`: builds (or reuses) the journal, then measures it at work.
+async fn scale(args: &Args) -> anyhow::Result<()> {
+    let (url, keep) = match &args.audit_database {
+        Some(name) => (database_url(&args.server, name)?, true),
+        None => (fresh_url(&args.server, "scale")?, false),
+    };
+    db::ensure_database(&url).await?;
+    let result = async {
+        let database = connect(args, &url).await?;
+        let client = database.read.get().await?;
+        let existing: i64 = client
+            .query_one("SELECT count(*) FROM events", &[])
+            .await?
+            .get(0);
+        if existing > 0 {
+            println!("scale: reusing the journal of {existing} events already in the database");
+        } else {
+            build_and_project(&database, args.audit_accounts, args.audit_events).await?;
+            client.batch_execute("VACUUM ANALYZE").await?;
+        }
+        drop(client);
+        let workers = args.workers.iter().copied().max().unwrap_or(16);
+        let seconds = Duration::from_secs(args.seconds);
+        let figures = scale::measure(&database, args.audit_accounts, workers, seconds).await?;
+        database.read.close();
+        database.write.close().await;
+        anyhow::Ok(figures)
+    }
+    .await;
+    if !keep {
+        db::drop_database(&url).await?;
+    }
+    scale::print(&result?);
+    Ok(())
+}
+
+/// Writes a journal of about `events` events over `accounts` accounts through the journal
+/// trigger, then builds the read tables from it. Returns the seconds each step took.
+async fn build_and_project(
+    database: &Database,
+    accounts: usize,
+    events: usize,
+) -> anyhow::Result<(f64, f64)> {
+    println!("audit: building a journal of {events} events over {accounts} accounts ...");
+    let client = database.read.get().await?;
+    let started = Instant::now();
+    let written = journal::build(&client, accounts, events).await?;
+    let build_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "  journal written in {build_seconds:.1} s ({:.0} events/s through the hash trigger)",
+        written as f64 / build_seconds
+    );
+    let started = Instant::now();
+    let projector = Projector::new(database.read.clone(), Arc::new(tokio::sync::Notify::new()));
+    // `rebuild` (one outbox row per account) rather than `drain` over a million outbox
+    // rows: the drain applies every event within its first batches but then clears the
+    // outbox at only ~1,600 rows/s (see docs/BENCHMARKS.md).
+    let projected = credit_store::projector::rebuild(&projector).await?;
+    let project_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "  projected in {project_seconds:.1} s ({:.0} events/s by projector::rebuild)",
+        projected as f64 / project_seconds
+    );
+    Ok((build_seconds, project_seconds))
 }
 
 /// The ledger/plain ratio issue 9 asks for (spread at 16 workers: 1.5, hot at 16: 2, at

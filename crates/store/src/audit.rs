@@ -10,8 +10,15 @@
 //! and the read tables come from the same snapshot, so on a live system the audit compares
 //! like with like (an account whose outbox rows are pending in that snapshot is not compared
 //! with its read tables), and never reports a discrepancy that is only a race.
+//!
+//! Speed (docs/BENCHMARKS.md, "Audit speed"): every table is read with binary `COPY` and
+//! decoded in place, without a row object per row; the journal's bytes go to a blocking
+//! thread that hashes and parses while the server produces the next rows.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -22,6 +29,11 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 use crate::checkpoint::{Checkpoint, Head, HeadCheck};
+
+/// The replay's maps: keyed by account and record ids, looked up once or more per event.
+/// foldhash is several times faster than the standard SipHash on such short keys and still
+/// seeded per map.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 /// One thing the audit found wrong.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -36,6 +48,19 @@ pub struct Discrepancy {
     pub position: Option<i64>,
     pub sequence: Option<i64>,
     pub detail: String,
+}
+
+impl Discrepancy {
+    /// A read-table row of `account` that no event explains.
+    fn unknown_row(kind: &'static str, account: &str, detail: String) -> Self {
+        Self {
+            kind,
+            account: Some(account.to_owned()),
+            position: None,
+            sequence: None,
+            detail,
+        }
+    }
 }
 
 impl std::fmt::Display for Discrepancy {
@@ -97,8 +122,22 @@ pub struct CheckpointChecked {
     pub root: String,
 }
 
-#[derive(Default)]
+/// The journal in global order, as binary `COPY`: the cheapest form for the server to send
+/// and for us to read (no per-row allocation). `payload::text` and `metadata::text` are the
+/// exact text the hash covers.
+const JOURNAL: &str = "COPY (SELECT position, aggregate_type, aggregate_id, sequence, event_type,
+                                    event_version, payload::text, metadata::text, hash
+                               FROM events ORDER BY position)
+                       TO STDOUT (FORMAT binary)";
+
+/// Bytes of `COPY` output handed to the replay thread at a time.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// How often the progress callback is called, in events.
+const PROGRESS_EVERY: u64 = 50_000;
+
 struct AccountState {
+    id: String,
     last_sequence: i64,
     last_position: i64,
     last_hash: Vec<u8>,
@@ -108,12 +147,15 @@ struct AccountState {
 /// What the records tables should say, from the replay.
 #[derive(Debug, PartialEq, Eq)]
 struct ExpectedRecord {
-    account: String,
+    /// Index of the account in `Replayed::accounts`.
+    account: usize,
     position: i64,
     status: &'static str,
     credits: i64,
     /// Credits clawed back, net of reinstatements (recharges only).
     reversed: i64,
+    /// Whether the read table had the row.
+    seen: bool,
 }
 
 #[derive(Default)]
@@ -147,61 +189,433 @@ pub async fn run_against(
         .start()
         .await
         .context("starting the audit's snapshot")?;
-    let report = replay(&tx, progress, checkpoint).await?;
+    let report = audit(&tx, progress, checkpoint).await?;
     tx.commit().await?;
     Ok(report)
 }
 
 /// The audit proper, inside the snapshot `run` opened.
-async fn replay(
+async fn audit(
     client: &Transaction<'_>,
     progress: Option<Progress<'_>>,
     checkpoint: Option<&Checkpoint>,
 ) -> anyhow::Result<AuditReport> {
     let started = std::time::Instant::now();
-    let total: i64 = client
-        .query_one("SELECT count(*) FROM events", &[])
+    let replayed = read_journal(client, progress, checkpoint).await?;
+    let Replayed {
+        accounts,
+        index,
+        mut expected,
+        mut totals,
+        mut discrepancies,
+        checked,
+        last_position,
+    } = replayed;
+
+    let mut pending = vec![false; accounts.len()];
+    let mut pending_accounts = 0u64;
+    for row in client
+        .query("SELECT DISTINCT aggregate_id FROM projection_outbox", &[])
         .await?
-        .get(0);
-    let mut discrepancies = Vec::new();
-    let mut accounts: HashMap<String, AccountState> = HashMap::new();
-    let mut expected = Expected::default();
-    let mut totals = Totals::default();
-    let mut checked = 0u64;
-    let mut last_position = 0i64;
-    let mut head_check = checkpoint.map(HeadCheck::new);
+    {
+        let id: &str = row.try_get("aggregate_id")?;
+        pending_accounts += 1;
+        if let Some(&i) = index.get(id) {
+            pending[i] = true;
+        }
+    }
+    let books = Books {
+        accounts: &accounts,
+        index: &index,
+        pending: &pending,
+    };
+    check_users(client, &books, &mut totals, &mut discrepancies).await?;
+    check_records(
+        client,
+        "recharge_records",
+        &mut expected.recharges,
+        &books,
+        &mut discrepancies,
+    )
+    .await?;
+    check_records(
+        client,
+        "consumption_records",
+        &mut expected.consumption,
+        &books,
+        &mut discrepancies,
+    )
+    .await?;
+
+    let accounts_checked = accounts.len() as u64;
+    let heads = Checkpoint {
+        created: Utc::now(),
+        position: last_position,
+        events: checked,
+        heads: accounts
+            .into_iter()
+            .map(|s| {
+                let head = Head {
+                    sequence: s.last_sequence,
+                    position: s.last_position,
+                    hash: s.last_hash,
+                };
+                (s.id, head)
+            })
+            .collect(),
+    };
+    Ok(AuditReport {
+        ok: discrepancies.is_empty(),
+        events_checked: checked,
+        accounts_checked,
+        accounts_pending_projection: pending_accounts,
+        totals,
+        discrepancies,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        checkpoint: checkpoint.map(|c| CheckpointChecked {
+            created: c.created,
+            position: c.position,
+            accounts: c.heads.len() as u64,
+            root: hex::encode(c.root()),
+        }),
+        heads,
+    })
+}
+
+/// Streams the journal to a replay on a blocking thread: this task only moves `COPY` bytes,
+/// so reading (and the server producing the rows) overlaps with hashing and parsing.
+async fn read_journal(
+    client: &Transaction<'_>,
+    progress: Option<Progress<'_>>,
+    checkpoint: Option<&Checkpoint>,
+) -> anyhow::Result<Replayed> {
+    let total = match progress {
+        // Only a progress bar needs the total: it costs a scan of its own.
+        Some(_) => client
+            .query_one("SELECT count(*) FROM events", &[])
+            .await?
+            .try_get::<_, i64>(0)? as u64,
+        None => 0,
+    };
+    let done = Arc::new(AtomicU64::new(0));
+    let (send, mut receive) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    // Emptied chunks come back to be filled again: no fresh pages to fault in per chunk.
+    let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
+    let replay = {
+        let checkpoint = checkpoint.cloned();
+        let done = done.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut replay = Replay::new(checkpoint.as_ref(), &done);
+            let mut decoder = CopyDecoder::default();
+            while let Some(mut chunk) = receive.blocking_recv() {
+                decoder.feed(&chunk, |fields| replay.event(fields))?;
+                chunk.clear();
+                // The reader may be gone already; then the chunk is simply dropped.
+                let _ = recycle.send(chunk);
+            }
+            decoder.finish()?;
+            Ok::<_, anyhow::Error>(replay.finish())
+        })
+    };
 
     let stream = client
-        .query_raw(
-            "SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version,
-                    payload::text, metadata::text, hash
-               FROM events ORDER BY position",
-            std::iter::empty::<i64>(),
-        )
+        .copy_out(JOURNAL)
         .await
         .context("reading the journal")?;
     pin_mut!(stream);
-    while let Some(row) = stream.try_next().await? {
-        let position: i64 = row.get(0);
-        let aggregate_type: &str = row.get(1);
-        let account: &str = row.get(2);
-        let sequence: i64 = row.get(3);
-        let event_type: &str = row.get(4);
-        let event_version: &str = row.get(5);
-        let payload: &str = row.get(6);
-        let metadata: &str = row.get(7);
-        let stored_hash: &[u8] = row.get(8);
-        checked += 1;
+    let fresh = || Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
+    let mut chunk = fresh();
+    let mut next_report = PROGRESS_EVERY;
+    let mut read = Ok(());
+    loop {
+        let data = match stream.try_next().await {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            Err(e) => {
+                read = Err(e);
+                break;
+            }
+        };
+        chunk.extend_from_slice(&data);
+        if chunk.len() < CHUNK_BYTES {
+            continue;
+        }
+        let next = recycled.try_recv().unwrap_or_else(|_| fresh());
+        if send
+            .send(std::mem::replace(&mut chunk, next))
+            .await
+            .is_err()
+        {
+            // The replay stopped on an error: it is reported below.
+            break;
+        }
         if let Some(progress) = progress {
-            if checked.is_multiple_of(50_000) {
-                progress(checked, total as u64);
+            let done = done.load(Ordering::Relaxed);
+            if done >= next_report {
+                progress(done, total);
+                next_report = (done / PROGRESS_EVERY + 1) * PROGRESS_EVERY;
             }
         }
+    }
+    if read.is_ok() && !chunk.is_empty() {
+        // A send error means the replay failed; its error is the one to report.
+        let _ = send.send(chunk).await;
+    }
+    drop(send);
+    let replayed = replay.await.context("the journal replay panicked")?;
+    read.context("reading the journal")?;
+    let replayed = replayed?;
+    if let Some(progress) = progress {
+        progress(replayed.checked, total);
+    }
+    Ok(replayed)
+}
 
-        let state = match accounts.get_mut(account) {
-            Some(s) => s,
-            None => accounts.entry(account.to_owned()).or_default(),
+/// One journal row, borrowed from the `COPY` bytes.
+struct JournalRow<'a> {
+    position: i64,
+    aggregate_type: &'a [u8],
+    account: &'a str,
+    sequence: i64,
+    event_type: &'a str,
+    event_version: &'a [u8],
+    payload: &'a [u8],
+    metadata: &'a [u8],
+    hash: &'a [u8],
+}
+
+impl<'a> JournalRow<'a> {
+    fn decode(fields: &[&'a [u8]]) -> anyhow::Result<Self> {
+        let &[position, aggregate_type, account, sequence, event_type, event_version, payload, metadata, hash] =
+            fields
+        else {
+            anyhow::bail!("a journal row has {} columns, not 9", fields.len());
         };
+        Ok(Self {
+            position: int8(position)?,
+            aggregate_type,
+            account: text(account)?,
+            sequence: int8(sequence)?,
+            event_type: text(event_type)?,
+            event_version,
+            payload,
+            metadata,
+            hash,
+        })
+    }
+
+    /// SHA-256(prev || canonical), the canonical text as `event_canonical` in
+    /// migrations/0001_journal.sql builds it, hashed part by part without building it.
+    fn chain_hash(&self, prev: &[u8]) -> [u8; 32] {
+        let mut digits = [0u8; 20];
+        let sequence = decimal(self.sequence, &mut digits);
+        let mut hasher = Sha256::new();
+        hasher.update(prev);
+        let parts = [
+            self.aggregate_type,
+            self.account.as_bytes(),
+            sequence,
+            self.event_type.as_bytes(),
+            self.event_version,
+            self.payload,
+            self.metadata,
+        ];
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                hasher.update(b"|");
+            }
+            hasher.update(part);
+        }
+        hasher.finalize().into()
+    }
+}
+
+/// `n` in base 10, as PostgreSQL's `bigint::text` writes it, without allocating.
+fn decimal(n: i64, buffer: &mut [u8; 20]) -> &[u8] {
+    let mut rest = &mut buffer[..];
+    // 20 bytes hold every i64 ("-9223372036854775808"), so this cannot fail.
+    let _ = write!(rest, "{n}");
+    let written = 20 - rest.len();
+    &buffer[..written]
+}
+
+fn int8(field: &[u8]) -> anyhow::Result<i64> {
+    let bytes: [u8; 8] = field
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a bigint column has {} bytes", field.len()))?;
+    Ok(i64::from_be_bytes(bytes))
+}
+
+fn text(field: &[u8]) -> anyhow::Result<&str> {
+    std::str::from_utf8(field).context("a text column is not UTF-8")
+}
+
+/// Decodes PostgreSQL's binary `COPY` format (header, then per row a field count and each
+/// field's length and bytes) from chunks cut anywhere. NULL is refused: no column read here
+/// can be NULL.
+#[derive(Default)]
+struct CopyDecoder {
+    header_read: bool,
+    ended: bool,
+    /// An incomplete row (or header) carried over to the next chunk.
+    carry: Vec<u8>,
+}
+
+/// The most columns a `COPY` read here has.
+const MAX_FIELDS: usize = 16;
+
+/// `PGCOPY\n\377\r\n\0`, then 32-bit flags and a 32-bit header extension length.
+const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+impl CopyDecoder {
+    /// Calls `row` with the fields of every complete row in `chunk` (and the carry before it).
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        mut row: impl FnMut(&[&[u8]]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        if self.carry.is_empty() {
+            let used = self.rows(chunk, &mut row)?;
+            self.carry.extend_from_slice(&chunk[used..]);
+        } else {
+            let mut buffer = std::mem::take(&mut self.carry);
+            buffer.extend_from_slice(chunk);
+            let used = self.rows(&buffer, &mut row)?;
+            buffer.drain(..used);
+            self.carry = buffer;
+        }
+        Ok(())
+    }
+
+    /// After the last chunk: the data must have ended with the trailer.
+    fn finish(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.ended && self.carry.is_empty(),
+            "the COPY data ended in the middle of a row"
+        );
+        Ok(())
+    }
+
+    /// Decodes the complete rows at the start of `data`; returns the bytes used.
+    fn rows(
+        &mut self,
+        data: &[u8],
+        row: &mut impl FnMut(&[&[u8]]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<usize> {
+        let mut at = 0;
+        if !self.header_read {
+            let fixed = COPY_SIGNATURE.len() + 8;
+            let Some(extension) = data.get(fixed - 4..fixed) else {
+                return Ok(0);
+            };
+            anyhow::ensure!(data.starts_with(COPY_SIGNATURE), "not binary COPY data");
+            let extension = u32::from_be_bytes(extension.try_into()?) as usize;
+            if data.len() < fixed + extension {
+                return Ok(0);
+            }
+            at = fixed + extension;
+            self.header_read = true;
+        }
+        while let Some(count) = data.get(at..at + 2) {
+            anyhow::ensure!(!self.ended, "data after the COPY trailer");
+            let count = i16::from_be_bytes([count[0], count[1]]);
+            if count == -1 {
+                self.ended = true;
+                at += 2;
+                continue;
+            }
+            let count = usize::try_from(count).context("a negative field count")?;
+            anyhow::ensure!(count <= MAX_FIELDS, "a row of {count} columns");
+            let mut fields: [&[u8]; MAX_FIELDS] = [&[]; MAX_FIELDS];
+            let mut next = at + 2;
+            let mut complete = true;
+            for field in fields.iter_mut().take(count) {
+                let Some(length) = data.get(next..next + 4) else {
+                    complete = false;
+                    break;
+                };
+                let length = i32::from_be_bytes(length.try_into()?);
+                let length = usize::try_from(length)
+                    .map_err(|_| anyhow::anyhow!("a NULL where none can be"))?;
+                let start = next + 4;
+                next = start + length;
+                let Some(bytes) = data.get(start..next) else {
+                    complete = false;
+                    break;
+                };
+                *field = bytes;
+            }
+            if !complete {
+                break;
+            }
+            row(&fields[..count])?;
+            at = next;
+        }
+        Ok(at)
+    }
+}
+
+/// The replay of the journal, event by event, in global order.
+struct Replay<'c> {
+    found: Replayed,
+    head_check: Option<HeadCheck<'c>>,
+    /// Events replayed so far, for the progress bar.
+    done: &'c AtomicU64,
+}
+
+/// What the replay found and built, for the comparison with the read tables.
+#[derive(Default)]
+struct Replayed {
+    accounts: Vec<AccountState>,
+    index: HashMap<String, usize>,
+    expected: Expected,
+    totals: Totals,
+    discrepancies: Vec<Discrepancy>,
+    checked: u64,
+    last_position: i64,
+}
+
+impl<'c> Replay<'c> {
+    fn new(checkpoint: Option<&'c Checkpoint>, done: &'c AtomicU64) -> Self {
+        Self {
+            found: Replayed::default(),
+            head_check: checkpoint.map(HeadCheck::new),
+            done,
+        }
+    }
+
+    /// One journal row.
+    fn event(&mut self, fields: &[&[u8]]) -> anyhow::Result<()> {
+        let row = JournalRow::decode(fields)?;
+        let JournalRow {
+            position,
+            account,
+            sequence,
+            event_type,
+            ..
+        } = row;
+        self.found.checked += 1;
+        if self.found.checked.is_multiple_of(PROGRESS_EVERY) {
+            self.done.store(self.found.checked, Ordering::Relaxed);
+        }
+        let at = match self.found.index.get(account) {
+            Some(&i) => i,
+            None => {
+                self.found
+                    .index
+                    .insert(account.to_owned(), self.found.accounts.len());
+                self.found.accounts.push(AccountState {
+                    id: account.to_owned(),
+                    last_sequence: 0,
+                    last_position: 0,
+                    last_hash: Vec::new(),
+                    balance: 0,
+                });
+                self.found.accounts.len() - 1
+            }
+        };
+        let state = &mut self.found.accounts[at];
+        let discrepancies = &mut self.found.discrepancies;
         let found = |kind, detail: String| Discrepancy {
             kind,
             account: Some(account.to_owned()),
@@ -218,26 +632,7 @@ async fn replay(
                 ),
             ));
         }
-        let mut hasher = Sha256::new();
-        hasher.update(&state.last_hash);
-        for (i, part) in [
-            aggregate_type,
-            account,
-            &sequence.to_string(),
-            event_type,
-            event_version,
-            payload,
-            metadata,
-        ]
-        .iter()
-        .enumerate()
-        {
-            if i > 0 {
-                hasher.update(b"|");
-            }
-            hasher.update(part.as_bytes());
-        }
-        if hasher.finalize().as_slice() != stored_hash {
+        if row.chain_hash(&state.last_hash) != row.hash {
             discrepancies.push(found(
                 "hash_mismatch",
                 format!("{event_type}: content or chain does not match the stored hash (edited, or an earlier event was removed)"),
@@ -245,17 +640,18 @@ async fn replay(
         }
         state.last_sequence = sequence;
         state.last_position = position;
-        state.last_hash = stored_hash.to_vec();
-        last_position = position;
-        if let Some(check) = head_check.as_mut() {
-            discrepancies.extend(check.observe(account, sequence, position, stored_hash));
+        state.last_hash.clear();
+        state.last_hash.extend_from_slice(row.hash);
+        self.found.last_position = position;
+        if let Some(check) = self.head_check.as_mut() {
+            discrepancies.extend(check.observe(account, sequence, position, row.hash));
         }
 
-        let event: CreditEvent = match serde_json::from_str(payload) {
+        let event: CreditEvent = match serde_json::from_slice(row.payload) {
             Ok(e) => e,
             Err(e) => {
                 discrepancies.push(found("bad_payload", format!("{event_type}: {e}")));
-                continue;
+                return Ok(());
             }
         };
         if let (Some(delta), Some(after)) = (event.credit_delta(), event.balance_after()) {
@@ -271,94 +667,48 @@ async fn replay(
             }
             state.balance = after;
         }
-        record_expectations(&event, account, position, &mut expected, &mut totals);
-    }
-    if let Some(progress) = progress {
-        progress(checked, total as u64);
-    }
-
-    if let Some(check) = head_check {
-        discrepancies.extend(check.finish(|a| accounts.get(a).map(|s| s.last_sequence)));
-    }
-
-    totals.balances = accounts.values().map(|a| a.balance).sum();
-    let flow = totals.recharged - totals.spent + totals.refunded + totals.granted - totals.reversed;
-    if flow != totals.balances {
-        discrepancies.push(Discrepancy {
-            kind: "totals_mismatch",
-            account: None,
-            position: None,
-            sequence: None,
-            detail: format!(
-                "recharged {} - spent {} + refunded {} + granted {} - reversed {} = {flow}, but balances sum to {}",
-                totals.recharged, totals.spent, totals.refunded, totals.granted, totals.reversed, totals.balances
-            ),
-        });
+        record_expectations(
+            event,
+            at,
+            position,
+            &mut self.found.expected,
+            &mut self.found.totals,
+        );
+        Ok(())
     }
 
-    let pending: std::collections::HashSet<String> = client
-        .query("SELECT DISTINCT aggregate_id FROM projection_outbox", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    check_users(client, &accounts, &pending, &mut totals, &mut discrepancies).await?;
-    check_records(
-        client,
-        "recharge_records",
-        "SELECT id, user_id, status, credits FROM recharge_records",
-        &expected.recharges,
-        &pending,
-        &mut discrepancies,
-    )
-    .await?;
-    check_records(
-        client,
-        "consumption_records",
-        "SELECT id, user_id, status, credits FROM consumption_records",
-        &expected.consumption,
-        &pending,
-        &mut discrepancies,
-    )
-    .await?;
-
-    let heads = Checkpoint {
-        created: Utc::now(),
-        position: last_position,
-        events: checked,
-        heads: accounts
-            .iter()
-            .map(|(id, s)| {
-                let head = Head {
-                    sequence: s.last_sequence,
-                    position: s.last_position,
-                    hash: s.last_hash.clone(),
-                };
-                (id.clone(), head)
-            })
-            .collect(),
-    };
-    Ok(AuditReport {
-        ok: discrepancies.is_empty(),
-        events_checked: checked,
-        accounts_checked: accounts.len() as u64,
-        accounts_pending_projection: pending.len() as u64,
-        totals,
-        discrepancies,
-        elapsed_seconds: started.elapsed().as_secs_f64(),
-        checkpoint: checkpoint.map(|c| CheckpointChecked {
-            created: c.created,
-            position: c.position,
-            accounts: c.heads.len() as u64,
-            root: hex::encode(c.root()),
-        }),
-        heads,
-    })
+    /// After the last event: the checkpoint's lost heads and the totals.
+    fn finish(mut self) -> Replayed {
+        self.done.store(self.found.checked, Ordering::Relaxed);
+        if let Some(check) = self.head_check {
+            let (index, accounts) = (&self.found.index, &self.found.accounts);
+            self.found
+                .discrepancies
+                .extend(check.finish(|a| index.get(a).map(|&i| accounts[i].last_sequence)));
+        }
+        let totals = &mut self.found.totals;
+        totals.balances = self.found.accounts.iter().map(|a| a.balance).sum();
+        let flow =
+            totals.recharged - totals.spent + totals.refunded + totals.granted - totals.reversed;
+        if flow != totals.balances {
+            self.found.discrepancies.push(Discrepancy {
+                kind: "totals_mismatch",
+                account: None,
+                position: None,
+                sequence: None,
+                detail: format!(
+                    "recharged {} - spent {} + refunded {} + granted {} - reversed {} = {flow}, but balances sum to {}",
+                    totals.recharged, totals.spent, totals.refunded, totals.granted, totals.reversed, totals.balances
+                ),
+            });
+        }
+        self.found
+    }
 }
 
 fn record_expectations(
-    event: &CreditEvent,
-    account: &str,
+    event: CreditEvent,
+    account: usize,
     position: i64,
     expected: &mut Expected,
     totals: &mut Totals,
@@ -368,22 +718,23 @@ fn record_expectations(
             r.status = status;
         }
     };
+    let record = |status, credits| ExpectedRecord {
+        account,
+        position,
+        status,
+        credits,
+        reversed: 0,
+        seen: false,
+    };
     match event {
         CreditEvent::RechargeRequested {
             recharge_id,
             credits,
             ..
         } => {
-            expected.recharges.insert(
-                recharge_id.clone(),
-                ExpectedRecord {
-                    account: account.to_owned(),
-                    position,
-                    status: "pending",
-                    credits: *credits,
-                    reversed: 0,
-                },
-            );
+            expected
+                .recharges
+                .insert(recharge_id, record("pending", credits));
         }
         CreditEvent::RechargeCompleted {
             recharge_id,
@@ -391,13 +742,13 @@ fn record_expectations(
             ..
         } => {
             totals.recharged += credits;
-            set_status(&mut expected.recharges, recharge_id, "completed");
+            set_status(&mut expected.recharges, &recharge_id, "completed");
         }
         CreditEvent::RechargeFailed { recharge_id, .. } => {
-            set_status(&mut expected.recharges, recharge_id, "failed")
+            set_status(&mut expected.recharges, &recharge_id, "failed")
         }
         CreditEvent::RechargeCancelled { recharge_id } => {
-            set_status(&mut expected.recharges, recharge_id, "cancelled")
+            set_status(&mut expected.recharges, &recharge_id, "cancelled")
         }
         CreditEvent::RechargeReversed {
             recharge_id,
@@ -405,7 +756,7 @@ fn record_expectations(
             ..
         } => {
             totals.reversed += credits;
-            if let Some(r) = expected.recharges.get_mut(recharge_id) {
+            if let Some(r) = expected.recharges.get_mut(&recharge_id) {
                 r.reversed += credits;
                 r.status = "reversed";
             }
@@ -417,7 +768,7 @@ fn record_expectations(
         } => {
             // A reinstatement gives back what a reversal took: it counts against `reversed`.
             totals.reversed -= credits;
-            if let Some(r) = expected.recharges.get_mut(recharge_id) {
+            if let Some(r) = expected.recharges.get_mut(&recharge_id) {
                 r.reversed -= credits;
                 r.status = if r.reversed > 0 {
                     "reversed"
@@ -430,22 +781,15 @@ fn record_expectations(
             task_id, credits, ..
         } => {
             totals.spent += credits;
-            expected.consumption.insert(
-                task_id.clone(),
-                ExpectedRecord {
-                    account: account.to_owned(),
-                    position,
-                    status: "completed",
-                    credits: *credits,
-                    reversed: 0,
-                },
-            );
+            expected
+                .consumption
+                .insert(task_id, record("completed", credits));
         }
         CreditEvent::CreditsRefunded {
             task_id, credits, ..
         } => {
             totals.refunded += credits;
-            set_status(&mut expected.consumption, task_id, "refunded");
+            set_status(&mut expected.consumption, &task_id, "refunded");
         }
         CreditEvent::CreditsAdjusted { credits, .. } => totals.granted += credits,
         CreditEvent::RechargeCheckoutCreated { .. }
@@ -460,54 +804,80 @@ fn record_expectations(
     }
 }
 
+/// The replayed accounts, for comparing the read tables with them.
+struct Books<'a> {
+    accounts: &'a [AccountState],
+    index: &'a HashMap<String, usize>,
+    /// By account index: its projection is pending in the snapshot, so it is not compared.
+    pending: &'a [bool],
+}
+
+/// Reads a table with binary `COPY`, calling `row` with each row's fields.
+async fn copy_rows(
+    client: &Transaction<'_>,
+    copy: &str,
+    mut row: impl FnMut(&[&[u8]]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let stream = client.copy_out(copy).await?;
+    pin_mut!(stream);
+    let mut decoder = CopyDecoder::default();
+    while let Some(data) = stream.try_next().await? {
+        decoder.feed(&data, &mut row)?;
+    }
+    decoder.finish()
+}
+
 async fn check_users(
     client: &Transaction<'_>,
-    accounts: &HashMap<String, AccountState>,
-    pending: &std::collections::HashSet<String>,
+    books: &Books<'_>,
     totals: &mut Totals,
     discrepancies: &mut Vec<Discrepancy>,
 ) -> anyhow::Result<()> {
-    let rows = client
-        .query("SELECT id, credits, last_sequence FROM users", &[])
-        .await?;
-    let mut seen = std::collections::HashSet::new();
-    for row in rows {
-        let id: String = row.get(0);
-        let credits: i64 = row.get(1);
-        let last_sequence: i64 = row.get(2);
-        totals.projected_balances += credits;
-        let Some(state) = accounts.get(&id) else {
-            discrepancies.push(Discrepancy {
-                kind: "unknown_user",
-                account: Some(id.clone()),
-                position: None,
-                sequence: None,
-                detail: format!("users row with {credits} credits has no events"),
-            });
-            continue;
-        };
-        seen.insert(id.clone());
-        if pending.contains(&id) {
-            continue;
-        }
-        if credits != state.balance || last_sequence != state.last_sequence {
-            discrepancies.push(Discrepancy {
-                kind: "projected_balance_mismatch",
-                account: Some(id),
-                position: None,
-                sequence: Some(state.last_sequence),
-                detail: format!(
-                    "users.credits is {credits} at sequence {last_sequence}, the journal says {} at sequence {}",
-                    state.balance, state.last_sequence
-                ),
-            });
-        }
-    }
-    for (id, state) in accounts {
-        if !seen.contains(id) && !pending.contains(id) {
+    let mut seen = vec![false; books.accounts.len()];
+    copy_rows(
+        client,
+        "COPY (SELECT id, credits, last_sequence FROM users) TO STDOUT (FORMAT binary)",
+        |fields| {
+            let [id, credits, last_sequence] = fields else {
+                anyhow::bail!("a users row has {} columns, not 3", fields.len());
+            };
+            let (id, credits, last_sequence) = (text(id)?, int8(credits)?, int8(last_sequence)?);
+            totals.projected_balances += credits;
+            let Some(&at) = books.index.get(id) else {
+                discrepancies.push(Discrepancy::unknown_row(
+                    "unknown_user",
+                    id,
+                    format!("users row with {credits} credits has no events"),
+                ));
+                return Ok(());
+            };
+            seen[at] = true;
+            let state = &books.accounts[at];
+            if books.pending[at] {
+                return Ok(());
+            }
+            if credits != state.balance || last_sequence != state.last_sequence {
+                discrepancies.push(Discrepancy {
+                    kind: "projected_balance_mismatch",
+                    account: Some(id.to_owned()),
+                    position: None,
+                    sequence: Some(state.last_sequence),
+                    detail: format!(
+                        "users.credits is {credits} at sequence {last_sequence}, the journal says {} at sequence {}",
+                        state.balance, state.last_sequence
+                    ),
+                });
+            }
+            Ok(())
+        },
+    )
+    .await
+    .context("reading users")?;
+    for (at, state) in books.accounts.iter().enumerate() {
+        if !seen[at] && !books.pending[at] {
             discrepancies.push(Discrepancy {
                 kind: "missing_user",
-                account: Some(id.clone()),
+                account: Some(state.id.clone()),
                 position: None,
                 sequence: Some(state.last_sequence),
                 detail: format!("no users row; the journal says {} credits", state.balance),
@@ -520,52 +890,52 @@ async fn check_users(
 async fn check_records(
     client: &Transaction<'_>,
     table: &str,
-    sql: &str,
-    expected: &HashMap<String, ExpectedRecord>,
-    pending: &std::collections::HashSet<String>,
+    expected: &mut HashMap<String, ExpectedRecord>,
+    books: &Books<'_>,
     discrepancies: &mut Vec<Discrepancy>,
 ) -> anyhow::Result<()> {
-    let stream = client.query_raw(sql, std::iter::empty::<i64>()).await?;
-    pin_mut!(stream);
-    let mut seen = std::collections::HashSet::new();
-    while let Some(row) = stream.try_next().await? {
-        let id: &str = row.get(0);
-        let user: &str = row.get(1);
-        let status: &str = row.get(2);
-        let credits: i64 = row.get(3);
-        match expected.get(id) {
-            None => discrepancies.push(Discrepancy {
-                kind: "unknown_record",
-                account: Some(user.to_owned()),
-                position: None,
-                sequence: None,
-                detail: format!("{table} row {id} has no event"),
-            }),
-            Some(want) => {
-                seen.insert(id.to_owned());
-                if pending.contains(&want.account) {
-                    continue;
-                }
-                if want.account != user || want.status != status || want.credits != credits {
-                    discrepancies.push(Discrepancy {
-                        kind: "record_mismatch",
-                        account: Some(want.account.clone()),
-                        position: Some(want.position),
-                        sequence: None,
-                        detail: format!(
-                            "{table} row {id}: ({user}, {status}, {credits} credits), journal says ({}, {}, {} credits)",
-                            want.account, want.status, want.credits
-                        ),
-                    });
-                }
-            }
+    let copy = format!(
+        "COPY (SELECT id, user_id, status, credits FROM {table}) TO STDOUT (FORMAT binary)"
+    );
+    copy_rows(client, &copy, |fields| {
+        let [id, user, status, credits] = fields else {
+            anyhow::bail!("a {table} row has {} columns, not 4", fields.len());
+        };
+        let (id, user, status, credits) = (text(id)?, text(user)?, text(status)?, int8(credits)?);
+        let Some(want) = expected.get_mut(id) else {
+            discrepancies.push(Discrepancy::unknown_row(
+                "unknown_record",
+                user,
+                format!("{table} row {id} has no event"),
+            ));
+            return Ok(());
+        };
+        want.seen = true;
+        if books.pending[want.account] {
+            return Ok(());
         }
-    }
-    for (id, want) in expected {
-        if !seen.contains(id.as_str()) && !pending.contains(&want.account) {
+        let account = &books.accounts[want.account].id;
+        if account != user || want.status != status || want.credits != credits {
+            discrepancies.push(Discrepancy {
+                kind: "record_mismatch",
+                account: Some(account.clone()),
+                position: Some(want.position),
+                sequence: None,
+                detail: format!(
+                    "{table} row {id}: ({user}, {status}, {credits} credits), journal says ({account}, {}, {} credits)",
+                    want.status, want.credits
+                ),
+            });
+        }
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("reading {table}"))?;
+    for (id, want) in expected.iter() {
+        if !want.seen && !books.pending[want.account] {
             discrepancies.push(Discrepancy {
                 kind: "missing_record",
-                account: Some(want.account.clone()),
+                account: Some(books.accounts[want.account].id.clone()),
                 position: Some(want.position),
                 sequence: None,
                 detail: format!("{table} row {id} is missing"),
@@ -602,4 +972,85 @@ pub async fn balance_at(
         credits,
         events,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CopyDecoder;
+
+    /// Binary `COPY` output of two rows, (1, "alice", '\x00ff') and (2, "", '\x'), and the
+    /// trailer.
+    fn copy_data() -> Vec<u8> {
+        let mut data = b"PGCOPY\n\xff\r\n\0".to_vec();
+        data.extend(0u32.to_be_bytes());
+        data.extend(4u32.to_be_bytes());
+        data.extend(b"ext!");
+        for (n, text, bytes) in [(1i64, "alice", &[0u8, 255][..]), (2, "", &[][..])] {
+            data.extend(3i16.to_be_bytes());
+            data.extend(8i32.to_be_bytes());
+            data.extend(n.to_be_bytes());
+            data.extend((text.len() as i32).to_be_bytes());
+            data.extend(text.as_bytes());
+            data.extend((bytes.len() as i32).to_be_bytes());
+            data.extend(bytes);
+        }
+        data.extend((-1i16).to_be_bytes());
+        data
+    }
+
+    fn decode(chunks: &[&[u8]]) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
+        let mut decoder = CopyDecoder::default();
+        let mut rows = Vec::new();
+        for chunk in chunks {
+            decoder.feed(chunk, |fields| {
+                rows.push(fields.iter().map(|f| f.to_vec()).collect());
+                Ok(())
+            })?;
+        }
+        decoder.finish()?;
+        Ok(rows)
+    }
+
+    #[test]
+    fn rows_are_decoded_wherever_the_chunks_are_cut() {
+        let data = copy_data();
+        let whole = decode(&[&data]).expect("decodes");
+        assert_eq!(
+            whole,
+            vec![
+                vec![1i64.to_be_bytes().to_vec(), b"alice".to_vec(), vec![0, 255]],
+                vec![2i64.to_be_bytes().to_vec(), vec![], vec![]],
+            ]
+        );
+        for cut in 0..=data.len() {
+            for second in cut..=data.len() {
+                let (a, rest) = data.split_at(cut);
+                let (b, c) = rest.split_at(second - cut);
+                assert_eq!(
+                    decode(&[a, b, c]).expect("decodes"),
+                    whole,
+                    "cut at {cut}, {second}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_or_foreign_data_is_refused() {
+        let data = copy_data();
+        assert!(decode(&[&data[..data.len() - 1]]).is_err(), "no trailer");
+        assert!(
+            decode(&[&data[..data.len() - 5]]).is_err(),
+            "a row cut short"
+        );
+        assert!(
+            decode(&[b"id,name\n1,alice\n\n\n\n\n"]).is_err(),
+            "text COPY"
+        );
+        let mut null = data.clone();
+        // The first row's text field (after the header, count, and the 8-byte int8) as NULL.
+        let at = 19 + 4 + 2 + 4 + 8;
+        null[at..at + 4].copy_from_slice(&(-1i32).to_be_bytes());
+        assert!(decode(&[&null]).is_err(), "NULL");
+    }
 }
