@@ -34,6 +34,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_append_only",
         include_str!("../../../migrations/0006_append_only.sql"),
     ),
+    (
+        "0007_idempotency_indexes",
+        include_str!("../../../migrations/0007_idempotency_indexes.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

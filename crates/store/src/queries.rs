@@ -264,3 +264,81 @@ pub async fn open_tasks(
         })
         .collect())
 }
+
+/// A task's charge as the journal recorded it: what an account that no longer keeps the task
+/// in memory (it settled long ago, see `credit_domain::RECENT_SETTLED_TASKS`) needs to answer
+/// a retry of its request or a late callback about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargedTask {
+    pub credits: i64,
+    /// `VideoSpec::fingerprint` of the video asked for.
+    pub spec_sha256: String,
+    /// Hex SHA-256 of the task's callback token.
+    pub callback_token_sha256: String,
+}
+
+/// The `CreditsDeducted` event of `task_id` on `account`, if the task was ever charged
+/// (through the unique index of migration 0007: one index probe).
+pub async fn charged_task(
+    client: &Client,
+    account: &str,
+    task_id: &str,
+) -> anyhow::Result<Option<ChargedTask>> {
+    let row = client
+        .query_opt(
+            "SELECT payload FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = $2
+                AND event_type = 'CreditsDeducted'
+                AND payload -> 'CreditsDeducted' ->> 'task_id' = $3",
+            &[&CreditAccount::TYPE, &account, &task_id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let Json(event): Json<CreditEvent> = row.try_get("payload")?;
+    match event {
+        CreditEvent::CreditsDeducted {
+            credits,
+            video,
+            callback_token_sha256,
+            ..
+        } => Ok(Some(ChargedTask {
+            credits,
+            spec_sha256: video.fingerprint(),
+            callback_token_sha256,
+        })),
+        other => anyhow::bail!("a {} event stored as CreditsDeducted", other.name()),
+    }
+}
+
+/// The fingerprint (`credit_domain::adjustment_fingerprint`) of adjustment `adjustment_id`
+/// on `account` as the journal recorded it, if it was ever made (unique index of migration
+/// 0007).
+pub async fn adjustment_fingerprint(
+    client: &Client,
+    account: &str,
+    adjustment_id: &str,
+) -> anyhow::Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT payload FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = $2
+                AND event_type = 'CreditsAdjusted'
+                AND payload -> 'CreditsAdjusted' ->> 'adjustment_id' = $3",
+            &[&CreditAccount::TYPE, &account, &adjustment_id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let Json(event): Json<CreditEvent> = row.try_get("payload")?;
+    match event {
+        CreditEvent::CreditsAdjusted {
+            credits, reason, ..
+        } => Ok(Some(credit_domain::adjustment_fingerprint(
+            credits, &reason,
+        ))),
+        other => anyhow::bail!("a {} event stored as CreditsAdjusted", other.name()),
+    }
+}
