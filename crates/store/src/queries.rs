@@ -284,31 +284,19 @@ pub async fn charged_task(
     account: &str,
     task_id: &str,
 ) -> anyhow::Result<Option<ChargedTask>> {
-    let row = client
-        .query_opt(
-            "SELECT payload FROM events
-              WHERE aggregate_type = $1 AND aggregate_id = $2
-                AND event_type = 'CreditsDeducted'
-                AND payload -> 'CreditsDeducted' ->> 'task_id' = $3",
-            &[&CreditAccount::TYPE, &account, &task_id],
-        )
-        .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let Json(event): Json<CreditEvent> = row.try_get("payload")?;
-    match event {
-        CreditEvent::CreditsDeducted {
+    match event_naming(client, account, "CreditsDeducted", "task_id", task_id).await? {
+        None => Ok(None),
+        Some(CreditEvent::CreditsDeducted {
             credits,
             video,
             callback_token_sha256,
             ..
-        } => Ok(Some(ChargedTask {
+        }) => Ok(Some(ChargedTask {
             credits,
             spec_sha256: video.fingerprint(),
             callback_token_sha256,
         })),
-        other => anyhow::bail!("a {} event stored as CreditsDeducted", other.name()),
+        Some(other) => anyhow::bail!("a {} event stored as CreditsDeducted", other.name()),
     }
 }
 
@@ -320,25 +308,49 @@ pub async fn adjustment_fingerprint(
     account: &str,
     adjustment_id: &str,
 ) -> anyhow::Result<Option<String>> {
+    match event_naming(
+        client,
+        account,
+        "CreditsAdjusted",
+        "adjustment_id",
+        adjustment_id,
+    )
+    .await?
+    {
+        None => Ok(None),
+        Some(CreditEvent::CreditsAdjusted {
+            credits, reason, ..
+        }) => Ok(Some(credit_domain::adjustment_fingerprint(
+            credits, &reason,
+        ))),
+        Some(other) => anyhow::bail!("a {} event stored as CreditsAdjusted", other.name()),
+    }
+}
+
+/// The `event_type` event of `account` whose `field` is `id`. `event_type` and `field` are
+/// one of the pairs migration 0007 indexes uniquely, written into the statement (not bound)
+/// so that it matches the index's expression.
+async fn event_naming(
+    client: &Client,
+    account: &str,
+    event_type: &'static str,
+    field: &'static str,
+    id: &str,
+) -> anyhow::Result<Option<CreditEvent>> {
     let row = client
         .query_opt(
-            "SELECT payload FROM events
-              WHERE aggregate_type = $1 AND aggregate_id = $2
-                AND event_type = 'CreditsAdjusted'
-                AND payload -> 'CreditsAdjusted' ->> 'adjustment_id' = $3",
-            &[&CreditAccount::TYPE, &account, &adjustment_id],
+            &format!(
+                "SELECT payload FROM events
+                  WHERE aggregate_type = $1 AND aggregate_id = $2
+                    AND event_type = '{event_type}'
+                    AND payload -> '{event_type}' ->> '{field}' = $3"
+            ),
+            &[&CreditAccount::TYPE, &account, &id],
         )
         .await?;
     let Some(row) = row else {
         return Ok(None);
     };
     let Json(event): Json<CreditEvent> = row.try_get("payload")?;
-    match event {
-        CreditEvent::CreditsAdjusted {
-            credits, reason, ..
-        } => Ok(Some(credit_domain::adjustment_fingerprint(
-            credits, &reason,
-        ))),
-        other => anyhow::bail!("a {} event stored as CreditsAdjusted", other.name()),
-    }
+    Ok(Some(event))
 }
