@@ -28,6 +28,16 @@ impl Account {
         }
     }
 
+    /// The account's last sequence.
+    pub fn sequence(&self) -> i64 {
+        self.sequence
+    }
+
+    /// The account's state after the events decided so far.
+    pub fn state(&self) -> &CreditAccount {
+        &self.state
+    }
+
     /// Decides `command` and returns its events with their sequences.
     pub fn decide(&mut self, command: CreditCommand) -> anyhow::Result<Vec<(i64, CreditEvent)>> {
         let events = self

@@ -6,6 +6,7 @@
 //! `cargo run --release -p credit-bench --bin ledger-bench -- --help`
 
 mod deductions;
+mod history;
 mod journal;
 mod scale;
 
@@ -65,6 +66,10 @@ struct Args {
     /// `--workers` for `--seconds`, projector lag, bytes on disk per event, audit speed.
     #[arg(long)]
     scale: bool,
+    /// Settled tasks in the history of the long-history account (0 skips that part): its
+    /// snapshot size, cold load time, and hot rate against a fresh account's.
+    #[arg(long, default_value_t = 100_000)]
+    history_tasks: usize,
 }
 
 struct Row {
@@ -120,8 +125,60 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let history = if args.history_tasks > 0 {
+        let url = fresh_url(&args.server, "history")?;
+        println!();
+        let result = async {
+            let database = connect(&args, &url).await?;
+            let figures = history::run(
+                &database,
+                args.history_tasks,
+                &args.workers,
+                Duration::from_secs(args.seconds),
+            )
+            .await;
+            database.read.close();
+            database.write.close().await;
+            figures
+        }
+        .await;
+        db::drop_database(&url).await?;
+        Some(result?)
+    } else {
+        None
+    };
     print_verdict(&rows, audit);
+    if let Some(h) = history {
+        print_history_verdict(&h);
+    }
     Ok(())
+}
+
+/// Issue 9's targets for a long history: snapshot < 16 KB, load < 5 ms, hot rate within 10%
+/// of a fresh account's.
+fn print_history_verdict(h: &history::Figures) {
+    let verdict = |met: bool| if met { "MET" } else { "NOT MET" };
+    let load = history::Figures::median(&h.loads_ms);
+    println!(
+        "  snapshot at {} tasks ({} events): {} bytes (< 16384) {}",
+        h.tasks,
+        h.events,
+        h.snapshot_bytes,
+        verdict(h.snapshot_bytes < 16 * 1024)
+    );
+    println!(
+        "  cold load of that account: median {load:.2} ms, max {:.2} ms (< 5 ms) {}; a fresh account: median {:.2} ms",
+        h.loads_ms.last().copied().unwrap_or(f64::NAN),
+        verdict(load < 5.0),
+        history::Figures::median(&h.fresh_loads_ms)
+    );
+    for &(workers, long, fresh) in &h.hot {
+        let ratio = long / fresh;
+        println!(
+            "  hot x{workers:<2} long history / fresh account: {ratio:.2} ({long:.0} / {fresh:.0} ops/s) (>= 0.90) {}",
+            verdict(ratio >= 0.9)
+        );
+    }
 }
 
 fn fresh_url(server: &str, what: &str) -> anyhow::Result<String> {

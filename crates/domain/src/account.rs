@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
@@ -190,19 +190,29 @@ impl TaskStatus {
 pub struct Task {
     pub credits: i64,
     pub status: TaskStatus,
+    #[serde(default, skip_serializing_if = "is_false")]
     pub refunded: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_task_id: Option<String>,
     pub callback_token_sha256: String,
     /// Fingerprint of the requested video (`VideoSpec::fingerprint`), to tell a retry from a
     /// different request under the same Idempotency-Key.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec_sha256: Option<String>,
     /// The provider delivered a video after the task was refunded.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub delivered_after_refund: bool,
     /// The last progress the provider reported (0..=99 while running).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub progress: u8,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+fn is_zero(value: &u8) -> bool {
+    *value == 0
 }
 
 impl Task {
@@ -211,16 +221,48 @@ impl Task {
     }
 }
 
+/// How many settled tasks an account keeps in memory (and in its snapshot), the most
+/// recently settled ones. Open tasks are always kept. A settled task that falls out of this
+/// window is forgotten by the account: a new charge under its id is refused by the journal's
+/// unique index (`migrations/0008_idempotency_indexes.sql`), and a late command about it
+/// (a repeated callback, a poll) is answered `task_already_settled` by the executor, which
+/// finds the charge in the journal. A late success for a refunded task that has left the
+/// window is answered `task_already_settled` too, and so is not recorded as
+/// `VideoDeliveredAfterRefund` (no money moves either way). 32 keeps a 100,000-task account's
+/// snapshot under 16 KB (13,691 bytes with its 16 adjustments, `tests/bounded.rs`) while
+/// what is repeated within the next 32 settlements is still answered from memory.
+pub const RECENT_SETTLED_TASKS: usize = 32;
+/// How many adjustments an account keeps (id and fingerprint), the most recent ones; older
+/// ids are refused by the journal's unique index as for tasks.
+pub const RECENT_ADJUSTMENTS: usize = 16;
+
 /// One user's credits. The aggregate id is the user id.
+///
+/// It holds what decisions need now, not its history: the balance, every recharge (a
+/// credited one can be refunded or disputed months later, and the clawback rule needs its
+/// amounts; recharges are bounded by money paid, not by use), the open tasks and the most
+/// recently settled ones, and the most recent adjustments. The windows are part of the
+/// serialized state, so a snapshot and a replay agree exactly. A snapshot written before the
+/// windows existed (no `settled` field) does not read as an account: the store rebuilds it
+/// from the journal.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditAccount {
     balance: i64,
     recharges: BTreeMap<String, Recharge>,
+    /// Open tasks, and the settled tasks named in `settled`.
     tasks: BTreeMap<String, Task>,
-    adjustments: BTreeSet<String>,
-    /// Fingerprints of adjustments (`adjustment_fingerprint`), by id.
-    #[serde(default)]
-    adjustment_fingerprints: BTreeMap<String, String>,
+    /// Ids of the settled tasks kept in `tasks`, oldest settlement first (at most
+    /// `RECENT_SETTLED_TASKS`). No serde default on purpose: see the type's comment.
+    settled: VecDeque<String>,
+    /// The most recent adjustments, oldest first (at most `RECENT_ADJUSTMENTS`).
+    recent_adjustments: VecDeque<KnownAdjustment>,
+}
+
+/// An adjustment the account remembers: its id and the fingerprint of its terms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct KnownAdjustment {
+    id: String,
+    fingerprint: String,
 }
 
 /// Fingerprint of an adjustment's terms, to tell a retry from a different request under the
@@ -242,13 +284,13 @@ impl CreditAccount {
         self.tasks.get(task_id)
     }
 
-    /// The fingerprint of adjustment `adjustment_id`, if it exists and has one.
-    pub fn adjustment(&self, adjustment_id: &str) -> Option<Option<&str>> {
-        self.adjustments.contains(adjustment_id).then(|| {
-            self.adjustment_fingerprints
-                .get(adjustment_id)
-                .map(String::as_str)
-        })
+    /// The fingerprint of adjustment `adjustment_id`, if the account still remembers it (one
+    /// of the `RECENT_ADJUSTMENTS` most recent; older ones are in the journal).
+    pub fn adjustment(&self, adjustment_id: &str) -> Option<&str> {
+        self.recent_adjustments
+            .iter()
+            .find(|a| a.id == adjustment_id)
+            .map(|a| a.fingerprint.as_str())
     }
 
     /// Tasks charged but not settled, for the settlement job.
@@ -582,7 +624,7 @@ impl CreditAccount {
                 if credits == 0 {
                     return Err(LedgerError::ZeroAdjustment);
                 }
-                if self.adjustments.contains(&adjustment_id) {
+                if self.adjustment(&adjustment_id).is_some() {
                     return Err(LedgerError::AdjustmentExists { adjustment_id });
                 }
                 let balance_after = self.add(credits)?;
@@ -763,10 +805,10 @@ impl CreditAccount {
                 }
             }
             CreditEvent::VideoSucceeded { task_id, .. } => {
-                self.set_task_status(&task_id, TaskStatus::Succeeded);
+                self.settle_task(task_id, TaskStatus::Succeeded);
             }
             CreditEvent::VideoFailed { task_id, .. } => {
-                self.set_task_status(&task_id, TaskStatus::Failed);
+                self.settle_task(task_id, TaskStatus::Failed);
             }
             CreditEvent::CreditsRefunded { task_id, .. } => {
                 if let Some(t) = self.tasks.get_mut(&task_id) {
@@ -779,11 +821,13 @@ impl CreditAccount {
                 reason,
                 ..
             } => {
-                self.adjustment_fingerprints.insert(
-                    adjustment_id.clone(),
-                    adjustment_fingerprint(credits, &reason),
-                );
-                self.adjustments.insert(adjustment_id);
+                self.recent_adjustments.push_back(KnownAdjustment {
+                    id: adjustment_id,
+                    fingerprint: adjustment_fingerprint(credits, &reason),
+                });
+                while self.recent_adjustments.len() > RECENT_ADJUSTMENTS {
+                    self.recent_adjustments.pop_front();
+                }
             }
         }
     }
@@ -791,6 +835,27 @@ impl CreditAccount {
     fn set_task_status(&mut self, task_id: &str, status: TaskStatus) {
         if let Some(t) = self.tasks.get_mut(task_id) {
             t.status = status;
+        }
+    }
+
+    /// A task reaches a final status: it joins the window of recently settled tasks, and the
+    /// oldest one beyond the window is forgotten.
+    fn settle_task(&mut self, task_id: String, status: TaskStatus) {
+        let Some(t) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
+        let was_settled = t.is_settled();
+        t.status = status;
+        // Progress only matters while a task runs.
+        t.progress = 0;
+        if was_settled {
+            return;
+        }
+        self.settled.push_back(task_id);
+        while self.settled.len() > RECENT_SETTLED_TASKS {
+            if let Some(oldest) = self.settled.pop_front() {
+                self.tasks.remove(&oldest);
+            }
         }
     }
 }

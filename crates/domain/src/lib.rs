@@ -15,7 +15,7 @@ mod pricing;
 
 pub use account::{
     adjustment_fingerprint, CreditAccount, Dispute, DisputeStage, Recharge, RechargeStatus, Task,
-    TaskStatus,
+    TaskStatus, RECENT_ADJUSTMENTS, RECENT_SETTLED_TASKS,
 };
 pub use command::{CreditCommand, VideoSpec};
 pub use error::LedgerError;

@@ -133,16 +133,8 @@ async fn adjustments_grant_and_correct_but_never_below_zero() {
             Some(json!({"credits": 5, "reason": "retry"}).to_string()),
         )
     };
-    send().await.expect(201);
-    let again = send().await;
-    assert_eq!(again.status, 200, "{}", again.text);
-    assert!(again.text.contains("\"duplicate\":true"), "{}", again.text);
-    app.wait_for_balance(&token, 5).await;
-
-    // The same key with other terms: 409, nothing written.
-    let events = app.event_count().await;
-    let other = app
-        .send(
+    let send_other = || {
+        app.send(
             reqwest::Method::POST,
             &path,
             Some(ADMIN_TOKEN),
@@ -152,8 +144,28 @@ async fn adjustments_grant_and_correct_but_never_below_zero() {
             ],
             Some(json!({"credits": 500, "reason": "retry"}).to_string()),
         )
-        .await;
-    other.expect_error(409, "idempotency_conflict");
+    };
+    send().await.expect(201);
+    let again = send().await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert!(again.text.contains("\"duplicate\":true"), "{}", again.text);
+    app.wait_for_balance(&token, 5).await;
+
+    // The same key with other terms: 409, nothing written.
+    let events = app.event_count().await;
+    send_other().await.expect_error(409, "idempotency_conflict");
+    assert_eq!(app.event_count().await, events);
+
+    // After more adjustments than the account keeps, the journal still knows adj-1: a retry
+    // is a duplicate, other terms a conflict.
+    for _ in 0..credit_domain::RECENT_ADJUSTMENTS {
+        app.adjust(&u, 1, "more").await.expect(201);
+    }
+    let events = app.event_count().await;
+    let again = send().await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert!(again.text.contains("\"duplicate\":true"), "{}", again.text);
+    send_other().await.expect_error(409, "idempotency_conflict");
     assert_eq!(app.event_count().await, events);
 }
 

@@ -397,3 +397,71 @@ async fn tasks_and_consumption_paginate_newest_first_without_duplicates() {
         .await
         .expect_error(404, "not_found");
 }
+
+/// A task that has left the account's memory (more than `RECENT_SETTLED_TASKS` settlements
+/// ago) is still one task: a retried generate answers it as it ended, a retry with another
+/// request is a conflict, a late callback is answered `already_settled` after its token is
+/// checked, and nothing is charged or written.
+#[tokio::test]
+async fn a_task_the_account_no_longer_keeps_is_still_one_task() {
+    let app = TestApp::spawn().await;
+    let later = credit_domain::RECENT_SETTLED_TASKS + 1;
+    let (u, token) = funded(&app, 10 * (later as i64 + 1)).await;
+    let send = |prompt: &str| {
+        app.send(
+            reqwest::Method::POST,
+            "/api/video/generate",
+            Some(&token),
+            &[
+                ("content-type", "application/json"),
+                ("idempotency-key", "gen-old"),
+            ],
+            Some(json!({ "prompt": prompt }).to_string()),
+        )
+    };
+    let first = send("a fox").await;
+    first.expect(202);
+    let task_id = first.str("task_id").to_owned();
+    let pid = app.provider_id(&token, &task_id).await;
+    let done = succeeded_result(&pid, "https://cdn.example/old.mp4");
+    assert_eq!(app.callback(&task_id, &done).await, 200);
+    for i in 0..later {
+        let other = app.generate_ok(&token, &format!("fox {i}")).await;
+        let pid = app.provider_id(&token, &other).await;
+        let result = failed_result(&pid, "error", "no");
+        assert_eq!(app.callback(&other, &result).await, 200);
+    }
+    app.wait_for_balance(&token, 10 * later as i64).await;
+    let events = app.event_count().await;
+    let submissions = app.grsai().requests_to(CREATE_PATH).len();
+
+    let again = send("a fox").await;
+    again.expect(202);
+    assert_eq!(again.str("task_id"), task_id);
+    assert_eq!(again.str("status"), "succeeded");
+    assert_eq!(again.i64("credits_charged"), 10);
+    assert_eq!(again.i64("credits"), 10 * later as i64);
+    send("a different fox")
+        .await
+        .expect_error(409, "idempotency_conflict");
+
+    let url = app.callback_url(&task_id);
+    let r = reqwest::Client::new()
+        .post(&url)
+        .json(&failed_result(&pid, "error", "late"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(body["outcome"], "already_settled");
+    let (_, query) = url.split_once('?').unwrap();
+    let real_token = query.split("token=").nth(1).unwrap();
+    let wrong = url.replace(real_token, &"0".repeat(real_token.len()));
+    assert_eq!(fake_grsai::deliver(&wrong, &done).await.as_u16(), 401);
+
+    assert_eq!(app.event_count().await, events);
+    assert_eq!(app.grsai().requests_to(CREATE_PATH).len(), submissions);
+    assert_eq!(app.events_of(&u, "CreditsDeducted").await, later as i64 + 1);
+    assert_eq!(app.stats(&token).await.i64("credits"), 10 * later as i64);
+}

@@ -38,6 +38,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_append_fences",
         include_str!("../../../migrations/0007_append_fences.sql"),
     ),
+    (
+        "0008_idempotency_indexes",
+        include_str!("../../../migrations/0008_idempotency_indexes.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

@@ -21,6 +21,16 @@
 //! Decided state is kept in memory between commands (bounded). Kept state that another
 //! process has overtaken can never be committed (the primary key again), and a refusal
 //! decided on kept state is decided again on fresh state before it stands.
+//!
+//! An account keeps only recent ids in memory (`credit_domain::RECENT_SETTLED_TASKS`), so
+//! the journal is what refuses a duplicate of an older one: its unique indexes
+//! (`migrations/0008_idempotency_indexes.sql`) make the append fail, and the executor, having
+//! found that no account moved, looks up which decided events repeat an id of the journal and
+//! answers exactly those commands with the domain's refusal (`TaskAlreadyCharged`,
+//! `RechargeExists`, `AdjustmentExists`); the rest of the batch is appended. Likewise a
+//! command about a task the account no longer keeps (`UnknownTask` on fresh state) is
+//! answered `TaskAlreadySettled` when the journal shows the task was charged: only settled
+//! tasks are ever forgotten.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
@@ -208,7 +218,16 @@ impl Ledger {
 
     /// Loads an account's current state from the journal (without queueing).
     pub async fn load(&self, account: &UserId) -> Result<(CreditAccount, usize), ExecuteError> {
-        let kept = self.inner.load_kept(account).await?;
+        let kept = self
+            .inner
+            .load_many(&[account])
+            .await
+            .remove(account.as_str())
+            .unwrap_or_else(|| {
+                Err(ExecuteError::Store(
+                    "account state was not loaded".to_owned(),
+                ))
+            })?;
         Ok((kept.aggregate, kept.sequence))
     }
 
@@ -287,8 +306,10 @@ impl Inner {
 
     /// Loads the states of `accounts` in one round trip: each one's latest snapshot (as
     /// postgres-es writes and reads it) and the events after it. An account whose snapshot
-    /// no longer reads as a `CreditAccount` (an older shape) goes through postgres-es's
-    /// loader, which replays its whole journal.
+    /// no longer reads as a `CreditAccount` (an older shape, such as one written before the
+    /// account's state was bounded) goes through postgres-es's loader, which replays its
+    /// whole journal, and its snapshot is then written again in the current shape, so that
+    /// the replay happens once.
     async fn load_many(&self, accounts: &[&UserId]) -> HashMap<String, Result<Kept, ExecuteError>> {
         let ids: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
         let mut loaded: HashMap<String, Result<Kept, ExecuteError>> = ids
@@ -353,11 +374,48 @@ impl Inner {
         }
         for id in unreadable_snapshots {
             if let Some(account) = accounts.iter().find(|a| a.as_str() == id) {
-                let state = self.load_kept(account).await;
+                let mut state = self.load_kept(account).await;
+                if let Ok(kept) = &mut state {
+                    self.rewrite_snapshot(account, kept).await;
+                }
                 loaded.insert(id, state);
             }
         }
         loaded
+    }
+
+    /// Writes `kept` as the account's snapshot over an older or unreadable one at the same or
+    /// an earlier sequence. A snapshot is a cache: failing to write it is only logged.
+    async fn rewrite_snapshot(&self, account: &UserId, kept: &mut Kept) {
+        if kept.sequence == 0 {
+            return;
+        }
+        let counter = kept
+            .snapshot
+            .unwrap_or(0)
+            .max(kept.sequence / SNAPSHOT_EVERY)
+            .max(1);
+        let written = match serde_json::to_string(&kept.aggregate) {
+            Ok(payload) => sqlx::query(REWRITE_SNAPSHOT)
+                .bind(CreditAccount::TYPE)
+                .bind(account.as_str())
+                .bind(kept.sequence as i64)
+                .bind(counter as i64)
+                .bind(payload)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match written {
+            Ok(_) => {
+                tracing::info!(account.id = %account, sequence = kept.sequence, "snapshot in an older shape rebuilt from the journal");
+                kept.snapshot = Some(counter);
+            }
+            Err(e) => {
+                tracing::warn!(account.id = %account, error = %e, "could not rewrite a snapshot rebuilt from the journal");
+            }
+        }
     }
 
     /// Queues a command, and starts a committer if one may start and none would take it.
@@ -402,11 +460,17 @@ impl Inner {
                 }
             }
 
-            let mut ready = Vec::new();
+            let mut decided = Vec::new();
             for (i, group) in groups.iter_mut().enumerate() {
                 if group.decision.is_none() && !group.decide() {
                     continue;
                 }
+                decided.push(i);
+            }
+            self.settled_long_ago(groups, &decided).await;
+            let mut ready = Vec::new();
+            for i in decided {
+                let group = &mut groups[i];
                 match &group.decision {
                     // Nothing to append (every command refused): answered at once.
                     Some(decision) if decision.events() == 0 => group.committed(),
@@ -468,8 +532,34 @@ impl Inner {
                         }
                         continue;
                     }
-                    // A unique violation that no other writer explains: a refusal.
-                    Ok(_) => e,
+                    // A unique violation that no other writer explains: an id the journal has
+                    // already (one the account no longer keeps in memory), or a refusal.
+                    Ok(_) => match self.duplicates(groups, &chunk).await {
+                        Ok(found) if !found.is_empty() => {
+                            let mut rest = Vec::new();
+                            for i in chunk {
+                                let repeated: Vec<(usize, LedgerError)> = found
+                                    .iter()
+                                    .filter(|d| d.group == i)
+                                    .map(|d| (d.verdict, d.refusal.clone()))
+                                    .collect();
+                                if repeated.is_empty() {
+                                    rest.push(i);
+                                } else {
+                                    groups[i].refuse_repeated(repeated);
+                                }
+                            }
+                            if !rest.is_empty() {
+                                chunks.push(rest);
+                            }
+                            continue;
+                        }
+                        Ok(_) => e,
+                        Err(e) => {
+                            fail_decided(groups, &chunk, e);
+                            continue;
+                        }
+                    },
                     Err(e) => {
                         fail_decided(groups, &chunk, e);
                         continue;
@@ -630,7 +720,168 @@ impl Inner {
             .map(|g| g.account.as_str().to_owned())
             .collect())
     }
+
+    /// The decided commands of `chunk` whose events repeat a task, recharge or adjustment id
+    /// that the account's journal has already (the unique indexes of migration 0008), each
+    /// with the refusal the domain gives a duplicate.
+    async fn duplicates(
+        &self,
+        groups: &[Group],
+        chunk: &[usize],
+    ) -> Result<Vec<Repeated>, ExecuteError> {
+        let mut candidates = Vec::new();
+        let (mut accounts, mut kinds, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in chunk {
+            let Some(decision) = &groups[i].decision else {
+                continue;
+            };
+            for (v, verdict) in decision.verdicts.iter().enumerate() {
+                let Verdict::Accepted { events, .. } = verdict else {
+                    continue;
+                };
+                for event in events {
+                    let (id, refusal) = match event {
+                        CreditEvent::CreditsDeducted { task_id, .. } => (
+                            task_id,
+                            LedgerError::TaskAlreadyCharged {
+                                task_id: task_id.clone(),
+                            },
+                        ),
+                        CreditEvent::RechargeRequested { recharge_id, .. } => (
+                            recharge_id,
+                            LedgerError::RechargeExists {
+                                recharge_id: recharge_id.clone(),
+                            },
+                        ),
+                        CreditEvent::CreditsAdjusted { adjustment_id, .. } => (
+                            adjustment_id,
+                            LedgerError::AdjustmentExists {
+                                adjustment_id: adjustment_id.clone(),
+                            },
+                        ),
+                        _ => continue,
+                    };
+                    accounts.push(groups[i].account.as_str());
+                    kinds.push(event.name());
+                    ids.push(id.as_str());
+                    candidates.push(Repeated {
+                        group: i,
+                        verdict: v,
+                        refusal,
+                    });
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<i64> = sqlx::query_scalar(DUPLICATES)
+            .bind(CreditAccount::TYPE)
+            .bind(&accounts)
+            .bind(&kinds)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(ExecuteError::from_read)?;
+        Ok(candidates
+            .into_iter()
+            .enumerate()
+            .filter(|(n, _)| found.contains(&(*n as i64 + 1)))
+            .map(|(_, c)| c)
+            .collect())
+    }
+
+    /// Refusals `UnknownTask` decided on fresh state, in the groups `decided`, become
+    /// `TaskAlreadySettled` for tasks the journal shows charged: the account forgets only
+    /// settled tasks, and a late command about one must be answered as about a settled task.
+    async fn settled_long_ago(&self, groups: &mut [Group], decided: &[usize]) {
+        let mut unknown = Vec::new();
+        for &i in decided {
+            let Some(decision) = &groups[i].decision else {
+                continue;
+            };
+            for (v, verdict) in decision.verdicts.iter().enumerate() {
+                if let Verdict::Refused(LedgerError::UnknownTask { task_id }) = verdict {
+                    unknown.push((i, v, task_id.clone()));
+                }
+            }
+        }
+        if unknown.is_empty() {
+            return;
+        }
+        let accounts: Vec<&str> = unknown
+            .iter()
+            .map(|(i, _, _)| groups[*i].account.as_str())
+            .collect();
+        let tasks: Vec<&str> = unknown.iter().map(|(_, _, t)| t.as_str()).collect();
+        let found = sqlx::query_scalar::<_, i64>(CHARGED)
+            .bind(CreditAccount::TYPE)
+            .bind(&accounts)
+            .bind(&tasks)
+            .fetch_all(&self.pool)
+            .await;
+        for (n, (i, v, task_id)) in unknown.into_iter().enumerate() {
+            let Some(decision) = groups[i].decision.as_mut() else {
+                continue;
+            };
+            decision.verdicts[v] = match &found {
+                Ok(found) if found.contains(&(n as i64 + 1)) => {
+                    Verdict::Refused(LedgerError::TaskAlreadySettled { task_id })
+                }
+                Ok(_) => continue,
+                Err(e) => Verdict::Failed(e.to_string()),
+            };
+        }
+    }
 }
+
+/// A decided command that repeats an id of its account's journal.
+struct Repeated {
+    /// Index of its group in the batch, and of its verdict in the group's decision.
+    group: usize,
+    verdict: usize,
+    refusal: LedgerError,
+}
+
+/// Which of the (account, event type, id) triples name an id that the account's journal has
+/// already: their ordinals (from 1). One probe of a unique index of migration 0008 each.
+const DUPLICATES: &str = "
+SELECT k.n FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS k(account, kind, id, n)
+ WHERE (k.kind = 'CreditsDeducted' AND EXISTS (
+            SELECT 1 FROM events e
+             WHERE e.event_type = 'CreditsDeducted' AND e.aggregate_id = k.account
+               AND e.payload -> 'CreditsDeducted' ->> 'task_id' = k.id
+               AND e.aggregate_type = $1))
+    OR (k.kind = 'RechargeRequested' AND EXISTS (
+            SELECT 1 FROM events e
+             WHERE e.event_type = 'RechargeRequested' AND e.aggregate_id = k.account
+               AND e.payload -> 'RechargeRequested' ->> 'recharge_id' = k.id
+               AND e.aggregate_type = $1))
+    OR (k.kind = 'CreditsAdjusted' AND EXISTS (
+            SELECT 1 FROM events e
+             WHERE e.event_type = 'CreditsAdjusted' AND e.aggregate_id = k.account
+               AND e.payload -> 'CreditsAdjusted' ->> 'adjustment_id' = k.id
+               AND e.aggregate_type = $1))";
+
+/// Which of the (account, task id) pairs name a task the account's journal charged: their
+/// ordinals (from 1).
+const CHARGED: &str = "
+SELECT k.n FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS k(account, task_id, n)
+ WHERE EXISTS (
+        SELECT 1 FROM events e
+         WHERE e.event_type = 'CreditsDeducted' AND e.aggregate_id = k.account
+           AND e.payload -> 'CreditsDeducted' ->> 'task_id' = k.task_id
+           AND e.aggregate_type = $1)";
+
+/// A snapshot rebuilt from the journal, written over an older or unreadable one.
+const REWRITE_SNAPSHOT: &str = "
+INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+VALUES ($1, $2, $3, $4, $5::jsonb)
+    ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+   SET last_sequence = EXCLUDED.last_sequence,
+       current_snapshot = EXCLUDED.current_snapshot,
+       payload = EXCLUDED.payload
+ WHERE snapshots.last_sequence <= EXCLUDED.last_sequence";
 
 /// The append of a batch: events in order (each account's in sequence order, accounts in
 /// a fixed order so that concurrent writers lock keys in the same order), through the
@@ -814,6 +1065,8 @@ enum Verdict {
         balance: i64,
     },
     Refused(LedgerError),
+    /// The database could not tell how to answer (nothing was written for it).
+    Failed(String),
 }
 
 impl Decision {
@@ -822,7 +1075,7 @@ impl Decision {
             .iter()
             .map(|v| match v {
                 Verdict::Accepted { events, .. } => events.len(),
-                Verdict::Refused(_) => 0,
+                Verdict::Refused(_) | Verdict::Failed(_) => 0,
             })
             .sum()
     }
@@ -916,6 +1169,7 @@ impl Group {
                     })
                 }
                 Verdict::Refused(refused) => Err(ExecuteError::Rejected(refused)),
+                Verdict::Failed(error) => Err(ExecuteError::Store(error)),
             };
             let _ = pending.reply.send(reply);
         }
@@ -946,6 +1200,23 @@ impl Group {
             self.one_at_a_time = true;
         } else {
             self.fail_decided(&ExecuteError::Store(error));
+        }
+    }
+
+    /// Some decided commands repeat an id of the journal: they are answered with `repeated`'s
+    /// refusals (by their index among the decided commands). The others were decided on a
+    /// state that included the refused ones' events, so they are decided again on the state
+    /// loaded afresh.
+    fn refuse_repeated(&mut self, mut repeated: Vec<(usize, LedgerError)>) {
+        self.decision = None;
+        self.state = None;
+        repeated.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
+        repeated.dedup_by_key(|(v, _)| *v);
+        for (v, refusal) in repeated {
+            if let Some(pending) = self.commands.remove(v) {
+                tracing::debug!(account.id = %self.account, error = %refusal, "an id of the journal repeated");
+                let _ = pending.reply.send(Err(ExecuteError::Rejected(refusal)));
+            }
         }
     }
 

@@ -270,3 +270,93 @@ pub async fn open_tasks(
         })
         .collect())
 }
+
+/// A task's charge as the journal recorded it: what an account that no longer keeps the task
+/// in memory (it settled long ago, see `credit_domain::RECENT_SETTLED_TASKS`) needs to answer
+/// a retry of its request or a late callback about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargedTask {
+    pub credits: i64,
+    /// `VideoSpec::fingerprint` of the video asked for.
+    pub spec_sha256: String,
+    /// Hex SHA-256 of the task's callback token.
+    pub callback_token_sha256: String,
+}
+
+/// The `CreditsDeducted` event of `task_id` on `account`, if the task was ever charged
+/// (through the unique index of migration 0008: one index probe).
+pub async fn charged_task(
+    client: &Client,
+    account: &str,
+    task_id: &str,
+) -> anyhow::Result<Option<ChargedTask>> {
+    match event_naming(client, account, "CreditsDeducted", "task_id", task_id).await? {
+        None => Ok(None),
+        Some(CreditEvent::CreditsDeducted {
+            credits,
+            video,
+            callback_token_sha256,
+            ..
+        }) => Ok(Some(ChargedTask {
+            credits,
+            spec_sha256: video.fingerprint(),
+            callback_token_sha256,
+        })),
+        Some(other) => anyhow::bail!("a {} event stored as CreditsDeducted", other.name()),
+    }
+}
+
+/// The fingerprint (`credit_domain::adjustment_fingerprint`) of adjustment `adjustment_id`
+/// on `account` as the journal recorded it, if it was ever made (unique index of migration
+/// 0008).
+pub async fn adjustment_fingerprint(
+    client: &Client,
+    account: &str,
+    adjustment_id: &str,
+) -> anyhow::Result<Option<String>> {
+    match event_naming(
+        client,
+        account,
+        "CreditsAdjusted",
+        "adjustment_id",
+        adjustment_id,
+    )
+    .await?
+    {
+        None => Ok(None),
+        Some(CreditEvent::CreditsAdjusted {
+            credits, reason, ..
+        }) => Ok(Some(credit_domain::adjustment_fingerprint(
+            credits, &reason,
+        ))),
+        Some(other) => anyhow::bail!("a {} event stored as CreditsAdjusted", other.name()),
+    }
+}
+
+/// The `event_type` event of `account` whose `field` is `id`. `event_type` and `field` are
+/// one of the pairs migration 0008 indexes uniquely, written into the statement (not bound)
+/// so that it matches the index's expression.
+async fn event_naming(
+    client: &Client,
+    account: &str,
+    event_type: &'static str,
+    field: &'static str,
+    id: &str,
+) -> anyhow::Result<Option<CreditEvent>> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT payload FROM events
+                  WHERE aggregate_type = $1 AND aggregate_id = $2
+                    AND event_type = '{event_type}'
+                    AND payload -> '{event_type}' ->> '{field}' = $3"
+            ),
+            &[&CreditAccount::TYPE, &account, &id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let Json(event): Json<CreditEvent> = row.try_get("payload")?;
+    Ok(Some(event))
+}

@@ -403,20 +403,7 @@ async fn snapshots_written_by_shared_batches_load_back() {
     let fresh = credit_store::Ledger::new(env.test.db.write.clone());
     for account in &accounts {
         let (loaded, sequence) = fresh.load(account).await.unwrap();
-        let mut replayed = credit_domain::CreditAccount::default();
-        let rows = client
-            .query(
-                "SELECT payload FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-                &[&account.as_str()],
-            )
-            .await
-            .unwrap();
-        for row in &rows {
-            let tokio_postgres::types::Json(e): tokio_postgres::types::Json<
-                credit_domain::CreditEvent,
-            > = row.get(0);
-            replayed.apply_event(e);
-        }
+        let (replayed, _) = replay(&env, account).await;
         assert_eq!(sequence, credit_store::executor::SNAPSHOT_EVERY + 1);
         assert_eq!(loaded, replayed);
         assert_eq!(loaded.balance(), 100 + 499);

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use credit_domain::ports::{ProviderError, ProviderStatus, VideoRequest, VideoResult};
 use credit_domain::{CreditAccount, CreditCommand, LedgerError, TaskStatus, UserId, VideoSpec};
-use credit_store::ExecuteError;
+use credit_store::{queries, read_models, ExecuteError};
 use serde::Serialize;
 
 use crate::error::ApiError;
@@ -34,7 +34,17 @@ pub enum GenerateOutcome {
     /// The provider clearly refused: the credits were refunded.
     Refunded { balance: i64 },
     /// A retry with the same Idempotency-Key and the same request: the task as it stands.
-    Replayed(Box<CreditAccount>),
+    Replayed(ReplayedTask),
+}
+
+/// A task as a retry of its generate request shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayedTask {
+    pub status: TaskStatus,
+    pub credits_charged: i64,
+    pub refunded: bool,
+    /// The account's balance now.
+    pub balance: i64,
 }
 
 pub async fn generate(state: &AppState, req: Generate) -> Result<GenerateOutcome, ApiError> {
@@ -65,14 +75,7 @@ pub async fn generate(state: &AppState, req: Generate) -> Result<GenerateOutcome
         Ok(_) => {}
         Err(ExecuteError::Rejected(LedgerError::TaskAlreadyCharged { .. })) => {
             let (account, _) = state.ledger.load(&user).await?;
-            let same = account
-                .task(&task_id)
-                .and_then(|t| t.spec_sha256.as_deref())
-                .is_none_or(|known| known == video.fingerprint());
-            if !same {
-                return Err(crate::error::idempotency_conflict());
-            }
-            return Ok(GenerateOutcome::Replayed(Box::new(account)));
+            return replay(state, &user, &task_id, &video, &account).await;
         }
         Err(e) => return Err(e.into()),
     }
@@ -136,6 +139,60 @@ pub async fn generate(state: &AppState, req: Generate) -> Result<GenerateOutcome
     })
 }
 
+/// The answer to a retry of a generate request whose task exists: the task as it stands, if
+/// the retry asks for the same video. The account keeps the task while it is open or recently
+/// settled; a task settled long ago is read from the journal (its charge) and the caught-up
+/// read table (how it ended).
+async fn replay(
+    state: &AppState,
+    user: &UserId,
+    task_id: &str,
+    video: &VideoSpec,
+    account: &CreditAccount,
+) -> Result<GenerateOutcome, ApiError> {
+    if let Some(task) = account.task(task_id) {
+        let same = task
+            .spec_sha256
+            .as_deref()
+            .is_none_or(|known| known == video.fingerprint());
+        if !same {
+            return Err(crate::error::idempotency_conflict());
+        }
+        return Ok(GenerateOutcome::Replayed(ReplayedTask {
+            status: task.status,
+            credits_charged: task.credits,
+            refunded: task.refunded,
+            balance: account.balance(),
+        }));
+    }
+    let client = state.read_own(user).await?;
+    let Some(charged) = queries::charged_task(&client, user.as_str(), task_id)
+        .await
+        .map_err(ApiError::from_store)?
+    else {
+        return Err(ApiError::internal(
+            "a task refused as charged is not in the journal",
+        ));
+    };
+    if charged.spec_sha256 != video.fingerprint() {
+        return Err(crate::error::idempotency_conflict());
+    }
+    let record = read_models::task(&client, user.as_str(), task_id)
+        .await
+        .map_err(ApiError::from_store)?;
+    // Forgotten tasks are settled; the read table, caught up above, says how.
+    let status = record
+        .as_ref()
+        .and_then(|r| TaskStatus::ALL.into_iter().find(|s| s.as_str() == r.status))
+        .unwrap_or(TaskStatus::Succeeded);
+    Ok(GenerateOutcome::Replayed(ReplayedTask {
+        status,
+        credits_charged: charged.credits,
+        refunded: record.as_ref().is_some_and(|r| r.refunded),
+        balance: account.balance(),
+    }))
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -170,10 +227,18 @@ pub async fn apply_result(
 ) -> Result<ResultOutcome, ApiError> {
     let (account, _) = state.ledger.load(user).await?;
     let Some(task) = account.task(task_id) else {
-        return Err(LedgerError::UnknownTask {
-            task_id: task_id.to_owned(),
-        }
-        .into());
+        // The account forgets only settled tasks: one the journal charged was settled.
+        let client = state.read().await?;
+        let charged = queries::charged_task(&client, user.as_str(), task_id)
+            .await
+            .map_err(ApiError::from_store)?;
+        return match charged {
+            Some(_) => Ok(ResultOutcome::AlreadySettled),
+            None => Err(LedgerError::UnknownTask {
+                task_id: task_id.to_owned(),
+            }
+            .into()),
+        };
     };
     match &task.provider_task_id {
         Some(known) if known != &result.provider_task_id => {

@@ -106,10 +106,22 @@ pub async fn adjust(
         )) => {
             let (account, _) = state.ledger.load(&user).await?;
             let fingerprint = credit_domain::adjustment_fingerprint(body.credits, reason);
-            if let Some(Some(known)) = account.adjustment(&adjustment_id) {
-                if known != fingerprint {
-                    return Err(crate::error::idempotency_conflict());
+            // The account keeps its recent adjustments; an older one is in the journal.
+            let known = match account.adjustment(&adjustment_id) {
+                Some(known) => Some(known.to_owned()),
+                None => {
+                    let client = state.read().await?;
+                    credit_store::queries::adjustment_fingerprint(
+                        &client,
+                        user.as_str(),
+                        &adjustment_id,
+                    )
+                    .await
+                    .map_err(ApiError::from_store)?
                 }
+            };
+            if known.is_some_and(|known| known != fingerprint) {
+                return Err(crate::error::idempotency_conflict());
             }
             return Ok(HttpResponse::Ok().json(json!({
                 "adjustment_id": adjustment_id,

@@ -2,7 +2,7 @@
 //! user's tasks and consumption records.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use credit_domain::{CreditAccount, TaskStatus, UserId, VideoSpec};
+use credit_domain::{UserId, VideoSpec};
 use credit_store::read_models;
 use serde::Deserialize;
 use serde_json::json;
@@ -141,22 +141,14 @@ pub async fn generate(
         .with("refunded", true)
         .with("task_id", task_id)
         .with("credits", balance)),
-        GenerateOutcome::Replayed(account) => {
-            Ok(HttpResponse::Accepted().json(task_answer(&account, &task_id)))
-        }
+        GenerateOutcome::Replayed(task) => Ok(HttpResponse::Accepted().json(json!({
+            "task_id": task_id,
+            "status": task.status.as_str(),
+            "credits_charged": task.credits_charged,
+            "refunded": task.refunded,
+            "credits": task.balance,
+        }))),
     }
-}
-
-fn task_answer(account: &CreditAccount, task_id: &str) -> serde_json::Value {
-    let task = account.task(task_id);
-    let status = task.map_or(TaskStatus::Pending, |t| t.status).as_str();
-    json!({
-        "task_id": task_id,
-        "status": status,
-        "credits_charged": task.map_or(0, |t| t.credits),
-        "refunded": task.is_some_and(|t| t.refunded),
-        "credits": account.balance(),
-    })
 }
 
 #[derive(Deserialize)]
@@ -182,13 +174,22 @@ pub async fn callback(
     };
     let user = UserId::parse(account).map_err(|_| unauthorized())?;
     let (state_now, _) = state.ledger.load(&user).await?;
-    let Some(task) = state_now.task(task_id) else {
-        return Err(unauthorized());
+    // The account keeps open and recently settled tasks; one settled long ago is found in the
+    // journal, authenticated the same way, and changes nothing.
+    let (token_sha256, settled_long_ago) = match state_now.task(task_id) {
+        Some(task) => (task.callback_token_sha256.clone(), false),
+        None => {
+            let client = state.read().await?;
+            match credit_store::queries::charged_task(&client, user.as_str(), task_id)
+                .await
+                .map_err(ApiError::from_store)?
+            {
+                Some(charged) => (charged.callback_token_sha256, true),
+                None => return Err(unauthorized()),
+            }
+        }
     };
-    if !constant_time_eq(
-        sha256_hex(token).as_bytes(),
-        task.callback_token_sha256.as_bytes(),
-    ) {
+    if !constant_time_eq(sha256_hex(token).as_bytes(), token_sha256.as_bytes()) {
         return Err(unauthorized());
     }
     let body = crate::body::read_limited(payload, 64 * 1024).await?;
@@ -197,7 +198,11 @@ pub async fn callback(
     })?;
     let result = credit_grsai::parse_result(&body)
         .map_err(|e| ApiError::bad_request("invalid_payload", e.to_string()))?;
-    let outcome = flows::video::apply_result(&state, &user, task_id, &result).await?;
+    let outcome = if settled_long_ago {
+        flows::video::ResultOutcome::AlreadySettled
+    } else {
+        flows::video::apply_result(&state, &user, task_id, &result).await?
+    };
     Ok(HttpResponse::Ok().json(json!({ "received": true, "outcome": outcome })))
 }
 

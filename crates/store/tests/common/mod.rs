@@ -253,3 +253,23 @@ pub async fn assert_projection_matches_journal(env: &Env) {
         assert_eq!(count(&client, sql).await, events, "{sql}");
     }
 }
+
+/// An account's state replayed from its whole journal, and its last sequence.
+pub async fn replay(env: &Env, account: &UserId) -> (credit_domain::CreditAccount, usize) {
+    let client = env.test.client().await;
+    let rows = client
+        .query(
+            "SELECT payload FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+            &[&account.as_str()],
+        )
+        .await
+        .unwrap();
+    let mut replayed = credit_domain::CreditAccount::default();
+    for row in &rows {
+        let tokio_postgres::types::Json(e): tokio_postgres::types::Json<
+            credit_domain::CreditEvent,
+        > = row.get(0);
+        replayed.apply_event(e);
+    }
+    (replayed, rows.len())
+}
