@@ -44,4 +44,4 @@ BENCH_PID="$svc_pid" python3 bench/http_bench.py
 
 [ "${BENCH_BASELINE:-1}" = 0 ] && exit 0
 echo "== plain-SQL baseline, same run =="
-cargo run --release -q -p credit-bench --bin ledger-bench -- --audit-events 0 --workers 16 --seconds 8 | grep -E "^(scenario|spread|hot)" | head -3
+cargo run --release -q -p credit-bench --bin ledger-bench -- --audit-events 0 --history-tasks 0 --workers 16 --seconds 8 | grep -E "^(scenario|spread|hot)" | head -3
