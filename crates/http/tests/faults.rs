@@ -415,6 +415,14 @@ async fn a_held_up_journal_answers_writes_503_in_time_and_recovers() {
     }
     lock.rollback().await.unwrap();
 
+    // The write statement timeout (4 s) ends the blocked appends, and their fences say "not
+    // done", well before the 10 s after which a command is "unknown".
+    assert!(
+        answers
+            .iter()
+            .any(|(_, body, ..)| body["error"]["code"] == "database_unavailable"),
+        "no write was answered not done: {answers:?}"
+    );
     let journal = adjustment_reasons(&app).await;
     for (status, body, reason, _, took) in &answers {
         assert_eq!(*status, 503, "{body}");

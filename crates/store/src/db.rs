@@ -171,17 +171,24 @@ pub async fn write_pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url
         .parse()
         .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    // A statement held up (a lock taken by maintenance, a starved server) ends within
-    // `WRITE_STATEMENT_TIMEOUT`, so a write is answered in time; its fence then tells that it
-    // did not commit (crates/store/src/executor.rs).
-    let options = options.options([(
-        "statement_timeout",
-        format!("{}ms", WRITE_STATEMENT_TIMEOUT.as_millis()),
-    )]);
     PgPoolOptions::new()
         .max_connections(size)
         .min_connections(1)
         .acquire_timeout(WRITE_ACQUIRE_TIMEOUT)
+        // A statement held up (a lock taken by maintenance, a starved server) ends within
+        // `WRITE_STATEMENT_TIMEOUT`, so a write is answered in time; its fence then tells
+        // whether it committed (crates/store/src/executor.rs). Set per session, not as a
+        // startup `options` parameter, which connection poolers may refuse.
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                let set = format!(
+                    "SET statement_timeout = {}",
+                    WRITE_STATEMENT_TIMEOUT.as_millis()
+                );
+                sqlx::Executor::execute(connection, set.as_str()).await?;
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
         .context("connecting the journal pool")
