@@ -814,12 +814,14 @@ impl Inner {
             .map(|(i, _, _)| groups[*i].account.as_str())
             .collect();
         let tasks: Vec<&str> = unknown.iter().map(|(_, _, t)| t.as_str()).collect();
+        // A read: a connection lost here is "not done" (`Unavailable`), like the loads'.
         let found = sqlx::query_scalar::<_, i64>(CHARGED)
             .bind(CreditAccount::TYPE)
             .bind(&accounts)
             .bind(&tasks)
             .fetch_all(&self.pool)
-            .await;
+            .await
+            .map_err(ExecuteError::from_read);
         for (n, (i, v, task_id)) in unknown.into_iter().enumerate() {
             let Some(decision) = groups[i].decision.as_mut() else {
                 continue;
@@ -829,7 +831,7 @@ impl Inner {
                     Verdict::Refused(LedgerError::TaskAlreadySettled { task_id })
                 }
                 Ok(_) => continue,
-                Err(e) => Verdict::Failed(e.to_string()),
+                Err(e) => Verdict::Failed(e.clone()),
             };
         }
     }
@@ -1066,7 +1068,7 @@ enum Verdict {
     },
     Refused(LedgerError),
     /// The database could not tell how to answer (nothing was written for it).
-    Failed(String),
+    Failed(ExecuteError),
 }
 
 impl Decision {
@@ -1169,7 +1171,7 @@ impl Group {
                     })
                 }
                 Verdict::Refused(refused) => Err(ExecuteError::Rejected(refused)),
-                Verdict::Failed(error) => Err(ExecuteError::Store(error)),
+                Verdict::Failed(error) => Err(error),
             };
             let _ = pending.reply.send(reply);
         }
