@@ -814,10 +814,13 @@ impl Inner {
             .map(|(i, _, _)| groups[*i].account.as_str())
             .collect();
         let tasks: Vec<&str> = unknown.iter().map(|(_, _, t)| t.as_str()).collect();
-        // A read: a connection lost here is "not done" (`Unavailable`), like the loads'.
-        let found = sqlx::query_scalar::<_, i64>(CHARGED)
+        let kinds = vec!["CreditsDeducted"; tasks.len()];
+        // The same lookup as for duplicates (a charged task id is one); a read: a connection
+        // lost here is "not done" (`Unavailable`), like the loads'.
+        let found = sqlx::query_scalar::<_, i64>(DUPLICATES)
             .bind(CreditAccount::TYPE)
             .bind(&accounts)
+            .bind(&kinds)
             .bind(&tasks)
             .fetch_all(&self.pool)
             .await
@@ -864,16 +867,6 @@ SELECT k.n FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS k(
              WHERE e.event_type = 'CreditsAdjusted' AND e.aggregate_id = k.account
                AND e.payload -> 'CreditsAdjusted' ->> 'adjustment_id' = k.id
                AND e.aggregate_type = $1))";
-
-/// Which of the (account, task id) pairs name a task the account's journal charged: their
-/// ordinals (from 1).
-const CHARGED: &str = "
-SELECT k.n FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS k(account, task_id, n)
- WHERE EXISTS (
-        SELECT 1 FROM events e
-         WHERE e.event_type = 'CreditsDeducted' AND e.aggregate_id = k.account
-           AND e.payload -> 'CreditsDeducted' ->> 'task_id' = k.task_id
-           AND e.aggregate_type = $1)";
 
 /// A snapshot rebuilt from the journal, written over an older or unreadable one.
 const REWRITE_SNAPSHOT: &str = "
