@@ -188,12 +188,16 @@ fn fresh_url(server: &str, what: &str) -> anyhow::Result<String> {
     )
 }
 
-/// The URL of database `name` on the server of `server`.
+/// The URL of database `name` on the server of `server` (its parameters, e.g. `sslmode`, kept).
 fn database_url(server: &str, name: &str) -> anyhow::Result<String> {
+    let (server, query) = match server.split_once('?') {
+        Some((server, query)) => (server, format!("?{query}")),
+        None => (server, String::new()),
+    };
     let (base, _) = server
         .rsplit_once('/')
         .context("the server URL has no database part")?;
-    Ok(format!("{base}/{name}"))
+    Ok(format!("{base}/{name}{query}"))
 }
 
 async fn connect(args: &Args, url: &str) -> anyhow::Result<Database> {

@@ -162,6 +162,8 @@ pub fn read_pool(url: &str, size: usize) -> anyhow::Result<Pool> {
 
 /// How long a write-side statement may run (appends take milliseconds).
 pub const WRITE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(4);
+/// A write-side connection idle this long is pinged before use.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// How long a write waits for a write-side connection.
 pub const WRITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(4);
 
@@ -175,14 +177,32 @@ pub async fn write_pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
         .max_connections(size)
         .min_connections(1)
         .acquire_timeout(WRITE_ACQUIRE_TIMEOUT)
+        // sqlx pings every connection it hands out by default: one more round trip per
+        // append, for a connection that was in use a moment ago. Only a connection idle for
+        // `PING_IDLE_AFTER` is pinged (a server restart is found there, before anything is
+        // sent); one that breaks between two busy appends is handled like any broken append
+        // (its fence tells whether it committed, executor.rs).
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    sqlx::Connection::ping(connection).await?;
+                }
+                Ok(true)
+            })
+        })
         // A statement held up (a lock taken by maintenance, a starved server) ends within
         // `WRITE_STATEMENT_TIMEOUT`, so a write is answered in time; its fence then tells
         // whether it committed (crates/store/src/executor.rs). Set per session, not as a
         // startup `options` parameter, which connection poolers may refuse.
         .after_connect(|connection, _| {
             Box::pin(async move {
+                // Generic plans: the write side's statements look rows up by key from
+                // arrays, and a custom plan (PostgreSQL's choice for them, as an array's
+                // length is unknown to a generic plan) re-plans them on every execution:
+                // 0.2 ms per load of an account, more than the load itself.
                 let set = format!(
-                    "SET statement_timeout = {}",
+                    "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
                     WRITE_STATEMENT_TIMEOUT.as_millis()
                 );
                 sqlx::Executor::execute(connection, set.as_str()).await?;

@@ -220,7 +220,7 @@ impl Ledger {
     pub async fn load(&self, account: &UserId) -> Result<(CreditAccount, usize), ExecuteError> {
         let kept = self
             .inner
-            .load_many(&[account])
+            .load_many(&[account], &mut None)
             .await
             .remove(account.as_str())
             .unwrap_or_else(|| {
@@ -304,13 +304,32 @@ impl Inner {
         })
     }
 
+    /// The committer's connection, taken from the pool on first use and kept for its next
+    /// batches: a connection returned to sqlx's pool is pinged on the way back (a round trip
+    /// per statement, on both sides), and a busy committer need not pay that per batch.
+    async fn connection<'h>(
+        &self,
+        held: &'h mut Held,
+    ) -> Result<&'h mut sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        if held.is_none() {
+            *held = Some(self.pool.acquire().await?);
+        }
+        held.as_mut()
+            .ok_or_else(|| sqlx::Error::Protocol("no connection held".to_owned()))
+    }
+
     /// Loads the states of `accounts` in one round trip: each one's latest snapshot (as
     /// postgres-es writes and reads it) and the events after it. An account whose snapshot
     /// no longer reads as a `CreditAccount` (an older shape, such as one written before the
     /// account's state was bounded) goes through postgres-es's loader, which replays its
     /// whole journal, and its snapshot is then written again in the current shape, so that
-    /// the replay happens once.
-    async fn load_many(&self, accounts: &[&UserId]) -> HashMap<String, Result<Kept, ExecuteError>> {
+    /// the replay happens once. On the committer's connection, if it holds one
+    /// (`held`, else one is taken and kept there).
+    async fn load_many(
+        &self,
+        accounts: &[&UserId],
+        held: &mut Held,
+    ) -> HashMap<String, Result<Kept, ExecuteError>> {
         let ids: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
         let mut loaded: HashMap<String, Result<Kept, ExecuteError>> = ids
             .iter()
@@ -323,12 +342,22 @@ impl Inner {
                 (id.to_owned(), Ok(empty))
             })
             .collect();
-        let rows = match sqlx::query(LOAD)
-            .bind(CreditAccount::TYPE)
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await
-        {
+        let rows = match self.connection(held).await {
+            Ok(connection) => {
+                let rows = sqlx::query(LOAD)
+                    .bind(CreditAccount::TYPE)
+                    .bind(&ids)
+                    .fetch_all(&mut **connection)
+                    .await;
+                if rows.is_err() {
+                    // Possibly broken: not used again.
+                    *held = None;
+                }
+                rows
+            }
+            Err(e) => Err(e),
+        };
+        let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
                 let e = ExecuteError::from_read(e);
@@ -371,6 +400,11 @@ impl Inner {
             if let Err(e) = read {
                 loaded.insert(id, Err(ExecuteError::Store(e)));
             }
+        }
+        if !unreadable_snapshots.is_empty() {
+            // postgres-es's loader and the rewrite take connections of their own: the held
+            // one goes back first, so that a pool of one connection still serves them.
+            *held = None;
         }
         for id in unreadable_snapshots {
             if let Some(account) = accounts.iter().find(|a| a.as_str() == id) {
@@ -436,7 +470,7 @@ impl Inner {
     }
 
     /// Decides and appends one batch; every command in it is answered on return.
-    async fn run_batch(&self, groups: &mut [Group]) {
+    async fn run_batch(&self, groups: &mut [Group], held: &mut Held) {
         crate::metrics::batch(groups.iter().map(|g| g.commands.len()).sum());
         loop {
             // Load the accounts whose state is unknown (first use, or after a failed append).
@@ -445,7 +479,7 @@ impl Inner {
                 .collect();
             if !missing.is_empty() {
                 let accounts: Vec<&UserId> = missing.iter().map(|&i| &groups[i].account).collect();
-                let mut loaded = self.load_many(&accounts).await;
+                let mut loaded = self.load_many(&accounts, held).await;
                 for i in missing {
                     match loaded.remove(groups[i].account.as_str()) {
                         Some(Ok(kept)) => {
@@ -467,7 +501,7 @@ impl Inner {
                 }
                 decided.push(i);
             }
-            self.settled_long_ago(groups, &decided).await;
+            self.settled_long_ago(groups, &decided, held).await;
             let mut ready = Vec::new();
             for i in decided {
                 let group = &mut groups[i];
@@ -478,7 +512,7 @@ impl Inner {
                     None => {}
                 }
             }
-            let conflicted = self.append_isolating(groups, ready).await;
+            let conflicted = self.append_isolating(groups, ready, held).await;
 
             if groups.iter().all(|g| g.commands.is_empty()) {
                 return;
@@ -496,7 +530,12 @@ impl Inner {
     /// accepts it. Otherwise the accounts that another writer moved are taken out (decided
     /// again by the caller), and a refused statement is split until the refused account is
     /// alone. Returns the highest attempt count of a group that conflicted, if any did.
-    async fn append_isolating(&self, groups: &mut [Group], ready: Vec<usize>) -> Option<u32> {
+    async fn append_isolating(
+        &self,
+        groups: &mut [Group],
+        ready: Vec<usize>,
+        held: &mut Held,
+    ) -> Option<u32> {
         let mut conflicted: Option<u32> = None;
         let mut conflict = |group: &mut Group| {
             group.conflict();
@@ -508,7 +547,7 @@ impl Inner {
             vec![ready]
         };
         while let Some(chunk) = chunks.pop() {
-            let refusal = match self.append(groups, &chunk).await {
+            let refusal = match self.append(groups, &chunk, held).await {
                 Ok(()) => {
                     for &i in &chunk {
                         groups[i].committed();
@@ -597,7 +636,12 @@ impl Inner {
 
     /// Appends the decided events of `chunk`'s groups, and the snapshots they bring due, in
     /// one statement (one transaction).
-    async fn append(&self, groups: &[Group], chunk: &[usize]) -> Result<(), AppendError> {
+    async fn append(
+        &self,
+        groups: &[Group],
+        chunk: &[usize],
+        held: &mut Held,
+    ) -> Result<(), AppendError> {
         let mut rows = Rows::default();
         for &i in chunk {
             rows.add(&groups[i])
@@ -605,12 +649,17 @@ impl Inner {
         }
         let fence = uuid::Uuid::now_v7();
         // Taken first, so that failing to get a connection is known to have sent nothing.
-        let mut connection = self
-            .pool
-            .acquire()
+        let connection = self
+            .connection(held)
             .await
             .map_err(|e| AppendError::Unavailable(e.to_string()))?;
-        let sent = sqlx::query(APPEND)
+        let snapshots = !rows.snapshots.accounts.is_empty();
+        let statement = if snapshots {
+            APPEND_WITH_SNAPSHOTS
+        } else {
+            APPEND
+        };
+        let mut query = sqlx::query(statement)
             .bind(CreditAccount::TYPE)
             .bind(&rows.accounts)
             .bind(&rows.sequences)
@@ -618,15 +667,20 @@ impl Inner {
             .bind(&rows.versions)
             .bind(&rows.payloads)
             .bind(&rows.metadata)
-            .bind(&rows.snapshots.accounts)
-            .bind(&rows.snapshots.sequences)
-            .bind(&rows.snapshots.counters)
-            .bind(&rows.snapshots.payloads)
-            .bind(fence.to_string())
-            .execute(&mut *connection)
-            .await;
-        drop(connection);
+            .bind(fence.to_string());
+        if snapshots {
+            query = query
+                .bind(&rows.snapshots.accounts)
+                .bind(&rows.snapshots.sequences)
+                .bind(&rows.snapshots.counters)
+                .bind(&rows.snapshots.payloads);
+        }
+        let sent = query.execute(&mut **connection).await;
         self.appends_since_sweep(fence);
+        if sent.is_err() {
+            // Possibly broken (or mid-transaction): not used again.
+            *held = None;
+        }
         match sent {
             Ok(_) => Ok(()),
             Err(e) if connection_lost(&e) => self.resolve(fence, e.to_string()).await,
@@ -794,7 +848,7 @@ impl Inner {
     /// Refusals `UnknownTask` decided on fresh state, in the groups `decided`, become
     /// `TaskAlreadySettled` for tasks the journal shows charged: the account forgets only
     /// settled tasks, and a late command about one must be answered as about a settled task.
-    async fn settled_long_ago(&self, groups: &mut [Group], decided: &[usize]) {
+    async fn settled_long_ago(&self, groups: &mut [Group], decided: &[usize], held: &mut Held) {
         let mut unknown = Vec::new();
         for &i in decided {
             let Some(decision) = &groups[i].decision else {
@@ -817,14 +871,18 @@ impl Inner {
         let kinds = vec!["CreditsDeducted"; tasks.len()];
         // The same lookup as for duplicates (a charged task id is one); a read: a connection
         // lost here is "not done" (`Unavailable`), like the loads'.
-        let found = sqlx::query_scalar::<_, i64>(DUPLICATES)
-            .bind(CreditAccount::TYPE)
-            .bind(&accounts)
-            .bind(&kinds)
-            .bind(&tasks)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(ExecuteError::from_read);
+        let found = match self.connection(held).await {
+            Ok(connection) => sqlx::query_scalar::<_, i64>(DUPLICATES)
+                .bind(CreditAccount::TYPE)
+                .bind(&accounts)
+                .bind(&kinds)
+                .bind(&tasks)
+                .fetch_all(&mut **connection)
+                .await
+                .inspect_err(|_| *held = None),
+            Err(e) => Err(e),
+        }
+        .map_err(ExecuteError::from_read);
         for (n, (i, v, task_id)) in unknown.into_iter().enumerate() {
             let Some(decision) = groups[i].decision.as_mut() else {
                 continue;
@@ -878,14 +936,13 @@ VALUES ($1, $2, $3, $4, $5::jsonb)
        payload = EXCLUDED.payload
  WHERE snapshots.last_sequence <= EXCLUDED.last_sequence";
 
-/// The append of a batch: events in order (each account's in sequence order, accounts in
-/// a fixed order so that concurrent writers lock keys in the same order), through the
-/// journal's insert trigger (hash chain and outbox, row by row as for single inserts); and
-/// the snapshots due, written only over an older one; and the statement's fence
-/// (migrations/0007_append_fences.sql), which tells after a broken connection whether it
-/// committed.
-const APPEND: &str = "
-WITH appended AS (
+/// The events of a batch in order (each account's in sequence order, accounts in a fixed
+/// order so that concurrent writers lock keys in the same order), through the journal's
+/// insert trigger (hash chain and outbox, row by row as for single inserts): the first CTE
+/// of both append statements below.
+macro_rules! append_events {
+    () => {
+        "WITH appended AS (
     INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                         payload, metadata)
     SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload::jsonb,
@@ -895,10 +952,30 @@ WITH appended AS (
                                 metadata, n)
      ORDER BY e.n
     RETURNING 1
-), snapshot AS (
+)"
+    };
+}
+
+/// The append of a batch that brings no snapshot due (almost every batch): its events and
+/// the statement's fence (migrations/0007_append_fences.sql), which tells after a broken
+/// connection whether it committed.
+const APPEND: &str = concat!(
+    append_events!(),
+    ", fence AS (
+    INSERT INTO append_fences (id) VALUES ($8::uuid)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM fence)"
+);
+
+/// The append of a batch with snapshots due: the same, and the snapshots, each written only
+/// over an older one.
+const APPEND_WITH_SNAPSHOTS: &str = concat!(
+    append_events!(),
+    ", snapshot AS (
     INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
     SELECT $1, s.aggregate_id, s.last_sequence, s.current_snapshot, s.payload::jsonb
-      FROM unnest($8::text[], $9::bigint[], $10::bigint[], $11::text[])
+      FROM unnest($9::text[], $10::bigint[], $11::bigint[], $12::text[])
            AS s(aggregate_id, last_sequence, current_snapshot, payload)
         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
        SET last_sequence = EXCLUDED.last_sequence,
@@ -907,11 +984,12 @@ WITH appended AS (
      WHERE snapshots.last_sequence < EXCLUDED.last_sequence
     RETURNING 1
 ), fence AS (
-    INSERT INTO append_fences (id) VALUES ($12::uuid)
+    INSERT INTO append_fences (id) VALUES ($8::uuid)
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM snapshot),
-       (SELECT count(*) FROM fence)";
+SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM fence),
+       (SELECT count(*) FROM snapshot)"
+);
 
 /// The accounts' snapshots, and their events after the snapshot (or all), in sequence order:
 /// a snapshot row (`snapshot` not null) comes before its account's events.
@@ -1282,11 +1360,17 @@ impl Queue {
     }
 }
 
+/// The connection a committer keeps between its batches (none until its first statement, and
+/// none again after a statement failed on it).
+type Held = Option<sqlx::pool::PoolConnection<sqlx::Postgres>>;
+
 /// A committer task: takes batches until none is waiting for it.
 struct Committer {
     inner: Arc<Inner>,
     /// The batch in hand.
     groups: Vec<Group>,
+    /// Its connection, kept while it has work (returned to the pool when it stops).
+    held: Held,
     /// Counted out of `Queue::committers` already.
     done: bool,
 }
@@ -1296,6 +1380,7 @@ impl Committer {
         Self {
             inner,
             groups: Vec::new(),
+            held: None,
             done: false,
         }
     }
@@ -1315,7 +1400,12 @@ impl Committer {
                 }
             }
             let inner = self.inner.clone();
-            inner.run_batch(&mut self.groups).await;
+            inner.run_batch(&mut self.groups, &mut self.held).await;
+            if inner.pool.num_idle() == 0 {
+                // No connection to spare (a small pool): the other committer, or a read of
+                // the executor, may be waiting for this one.
+                self.held = None;
+            }
         }
     }
 }

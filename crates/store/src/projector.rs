@@ -125,20 +125,20 @@ impl Projector {
         // (tens of ms) for a read of a few rows.
         let (_, outbox) = futures::try_join!(
             tx.batch_execute("SET LOCAL synchronous_commit = off; SET LOCAL jit = off"),
+            // Taken and deleted at once: a rollback (or a crash) brings the rows back, and
+            // a row deleted here is written once, not locked first and deleted later.
             query(
                 &tx,
-                "SELECT id, aggregate_id FROM projection_outbox ORDER BY id LIMIT $1
-                 FOR UPDATE SKIP LOCKED",
+                "DELETE FROM projection_outbox WHERE id IN (
+                     SELECT id FROM projection_outbox ORDER BY id LIMIT $1
+                        FOR UPDATE SKIP LOCKED)
+                 RETURNING aggregate_id",
                 &[&BATCH],
             )
         )?;
         if outbox.is_empty() {
             return Ok((0, 0));
         }
-        let ids: Vec<i64> = outbox
-            .iter()
-            .map(|r| r.try_get("id"))
-            .collect::<Result<_, _>>()?;
         let mut accounts: Vec<String> = outbox
             .iter()
             .map(|r| r.try_get("aggregate_id"))
@@ -168,31 +168,24 @@ impl Projector {
 
         apply_rows(&tx, &rows).await?;
 
-        // The batch's outbox rows, and the rows of these accounts outside the batch whose
-        // events are now applied too (a long backlog of one account); rows another
-        // projector holds are skipped, they are its work.
-        let by_id: &[&(dyn ToSql + Sync)] = &[&ids];
-        futures::try_join!(
-            execute(
-                &tx,
-                "DELETE FROM projection_outbox WHERE id = ANY($1)",
-                by_id
-            ),
-            execute(
-                &tx,
-                "DELETE FROM projection_outbox WHERE id IN (
-                     SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
-                      WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
-                        FOR UPDATE OF o SKIP LOCKED)",
-                by_account,
-            )
-        )?;
+        // The rows of these accounts outside the batch whose events are now applied too (a
+        // long backlog of one account); rows another projector holds are skipped, they are
+        // its work.
+        execute(
+            &tx,
+            "DELETE FROM projection_outbox WHERE id IN (
+                 SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
+                  WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
+                    FOR UPDATE OF o SKIP LOCKED)",
+            by_account,
+        )
+        .await?;
         if interrupt == Some(Interrupt::BeforeCommit) {
             // Dropping the transaction rolls it back, exactly as a killed process would.
             anyhow::bail!("projection interrupted before commit");
         }
         tx.commit().await?;
-        Ok((ids.len() as u64, applied))
+        Ok((outbox.len() as u64, applied))
     }
 }
 
