@@ -293,6 +293,12 @@ impl CreditAccount {
             .map(|a| a.fingerprint.as_str())
     }
 
+    /// How many entries the account keeps (tasks, recharges, adjustments): what its snapshot's
+    /// size grows with.
+    pub fn kept_entries(&self) -> usize {
+        self.tasks.len() + self.recharges.len() + self.recent_adjustments.len()
+    }
+
     /// Tasks charged but not settled, for the settlement job.
     pub fn open_tasks(&self) -> impl Iterator<Item = (&String, &Task)> {
         self.tasks.iter().filter(|(_, t)| !t.is_settled())

@@ -367,6 +367,45 @@ async fn a_command_the_database_refuses_never_fails_the_others_in_its_batch() {
     assert_projection_matches_journal(&env).await;
 }
 
+/// An account that keeps many entries (here: open tasks, each deduction adds one) is
+/// snapshotted less often than every `SNAPSHOT_EVERY` events: after half as many events as it
+/// keeps entries, so its snapshots come at doubling sequences (about 500, then 1,000, then
+/// 2,000) instead of every 500. Its state still loads back exactly.
+#[tokio::test]
+async fn an_account_that_keeps_many_entries_is_snapshotted_less_often() {
+    let env = env().await;
+    let account = user("many-open-tasks");
+    env.recharge(&account, "r1", 20_000).await;
+    // 2 events so far; then 1,800 deductions whose tasks stay open, 100 to a batch.
+    for round in 0..18 {
+        let results =
+            join_all((0..100).map(|i| env.run(&account, deduct(&format!("t-{round}-{i}"))))).await;
+        for r in results {
+            r.unwrap();
+        }
+    }
+    let client = env.test.client().await;
+    let taken_at = count(
+        &client,
+        "SELECT last_sequence FROM snapshots WHERE aggregate_id = 'many-open-tasks'",
+    )
+    .await;
+    // Every 500 events would have taken one at 1,500 (or later); this account's second
+    // snapshot comes at about 1,000 (500 events after the first, with about 1,000 entries
+    // kept), and the third not before about 2,000.
+    assert!(
+        (1_000..1_500).contains(&taken_at),
+        "latest snapshot at sequence {taken_at}"
+    );
+    let fresh = credit_store::Ledger::new(env.test.db.write.clone());
+    let (loaded, sequence) = fresh.load(&account).await.unwrap();
+    let (replayed, _) = replay(&env, &account).await;
+    assert_eq!(sequence, 1_802);
+    assert_eq!(loaded, replayed);
+    assert_eq!(loaded.balance(), 20_000 - 18_000);
+    assert_eq!(loaded.open_tasks().count(), 1_800);
+}
+
 /// Accounts crossing a snapshot boundary inside a shared batch get their snapshots, and a
 /// fresh process (postgres-es's loader) reads them back to the replayed state.
 #[tokio::test]
