@@ -1415,6 +1415,11 @@ impl Committer {
 
     async fn run(mut self) {
         loop {
+            if !self.groups.is_empty() {
+                // The callers just answered run before the next take, so that their next
+                // commands join it (no timer: with nothing else to run this returns at once).
+                tokio::task::yield_now().await;
+            }
             {
                 let mut queue = self.inner.queue();
                 queue.release(std::mem::take(&mut self.groups), true);
