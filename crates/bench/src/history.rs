@@ -46,7 +46,7 @@ async fn build(client: &tokio_postgres::Client, tasks: usize) -> anyhow::Result<
     let mut snapshot: Option<(i64, String)> = None;
     let mut analyzed = false;
     let mut commands: Vec<CreditCommand> =
-        journal::recharge(&format!("{LONG}-r1"), 10 * tasks as i64 + 1_000_000).to_vec();
+        journal::recharge(&format!("{LONG}-r1"), 10 * tasks as i64 + 100_000_000).to_vec();
     for t in 0..tasks {
         let task = format!("{LONG}-t{t}");
         commands.push(journal::deduct(task.clone()));
@@ -93,7 +93,7 @@ async fn build(client: &tokio_postgres::Client, tasks: usize) -> anyhow::Result<
     }
     batch.flush(client).await?;
     let mut fresh = Account::new(FRESH.to_owned());
-    for command in journal::recharge(&format!("{FRESH}-r1"), 10 * tasks as i64 + 1_000_000) {
+    for command in journal::recharge(&format!("{FRESH}-r1"), 10 * tasks as i64 + 100_000_000) {
         for (seq, event) in fresh.decide(command)? {
             batch.push(FRESH, seq, &event)?;
         }

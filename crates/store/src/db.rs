@@ -197,12 +197,13 @@ pub async fn write_pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
         // startup `options` parameter, which connection poolers may refuse.
         .after_connect(|connection, _| {
             Box::pin(async move {
-                // Generic plans: the write side's statements look rows up by key from
-                // arrays, and a custom plan (PostgreSQL's choice for them, as an array's
-                // length is unknown to a generic plan) re-plans them on every execution:
-                // 0.2 ms per load of an account, more than the load itself.
+                // Not `plan_cache_mode = force_generic_plan`, although PostgreSQL re-plans
+                // the executor's load of cold accounts at every execution (0.2 ms, more than
+                // the load): where one account holds most of the journal, the generic plan
+                // of that load read the whole journal (0.1 s per load; ledger-bench's
+                // long-history part).
                 let set = format!(
-                    "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
+                    "SET statement_timeout = {}",
                     WRITE_STATEMENT_TIMEOUT.as_millis()
                 );
                 sqlx::Executor::execute(connection, set.as_str()).await?;
