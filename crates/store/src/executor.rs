@@ -3,9 +3,10 @@
 //! Commands wait in one queue per process, and a committer task takes them in batches. A
 //! batch holds the commands of many accounts: each account's commands are decided one after
 //! the other on that account's state, and the events of every account are appended together
-//! by one statement (`INSERT … SELECT … FROM unnest(…)`, the snapshots due in the same
-//! statement), which is its own transaction: one round trip and one commit for the batch
-//! (group commit). Batches form by themselves: a free committer takes everything queued, so
+//! by one statement (`INSERT … SELECT … FROM unnest(…)`), which is its own transaction: one
+//! round trip and one commit for the batch (group commit). The snapshots it brings due are
+//! written after it, best effort (a snapshot is a cache: failing to write one never fails a
+//! command). Batches form by themselves: a free committer takes everything queued, so
 //! under load the queue fills while a batch commits, and a command arriving on an idle system
 //! is taken at once, without waiting for company. An account is in one batch at a time, so a
 //! hot account queues instead of conflicting.
@@ -560,6 +561,7 @@ impl Inner {
         while let Some(chunk) = chunks.pop() {
             let refusal = match self.append(groups, &chunk, held).await {
                 Ok(()) => {
+                    self.write_snapshots(groups, &chunk, held).await;
                     for &i in &chunk {
                         groups[i].committed();
                     }
@@ -645,8 +647,38 @@ impl Inner {
         conflicted
     }
 
-    /// Appends the decided events of `chunk`'s groups, and the snapshots they bring due, in
-    /// one statement (one transaction).
+    /// Writes the snapshots that `chunk`'s committed groups brought due, on the committer's
+    /// connection. Best effort: a snapshot is a cache, so failing to write one (an account so
+    /// large that its snapshot outlasts the statement timeout, a lost connection) is logged,
+    /// and the account's next load replays more events; it never fails a command.
+    async fn write_snapshots(&self, groups: &[Group], chunk: &[usize], held: &mut Held) {
+        let mut rows = SnapshotRows::default();
+        for &i in chunk {
+            if let Err(e) = rows.add(&groups[i]) {
+                tracing::warn!(account.id = %groups[i].account, error = %e, "could not serialise a snapshot");
+            }
+        }
+        if rows.accounts.is_empty() {
+            return;
+        }
+        let written = match self.connection(held).await {
+            Ok(connection) => sqlx::query(SNAPSHOTS)
+                .bind(CreditAccount::TYPE)
+                .bind(&rows.accounts)
+                .bind(&rows.sequences)
+                .bind(&rows.counters)
+                .bind(&rows.payloads)
+                .execute(&mut **connection)
+                .await
+                .inspect_err(|_| *held = None),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::warn!(accounts = rows.accounts.len(), error = %e, "could not write snapshots; the accounts' next loads replay more events");
+        }
+    }
+
+    /// Appends the decided events of `chunk`'s groups in one statement (one transaction).
     async fn append(
         &self,
         groups: &[Group],
@@ -664,13 +696,7 @@ impl Inner {
             .connection(held)
             .await
             .map_err(|e| AppendError::Unavailable(e.to_string()))?;
-        let snapshots = !rows.snapshots.accounts.is_empty();
-        let statement = if snapshots {
-            APPEND_WITH_SNAPSHOTS
-        } else {
-            APPEND
-        };
-        let mut query = sqlx::query(statement)
+        let sent = sqlx::query(APPEND)
             .bind(CreditAccount::TYPE)
             .bind(&rows.accounts)
             .bind(&rows.sequences)
@@ -678,15 +704,9 @@ impl Inner {
             .bind(&rows.versions)
             .bind(&rows.payloads)
             .bind(&rows.metadata)
-            .bind(fence.to_string());
-        if snapshots {
-            query = query
-                .bind(&rows.snapshots.accounts)
-                .bind(&rows.snapshots.sequences)
-                .bind(&rows.snapshots.counters)
-                .bind(&rows.snapshots.payloads);
-        }
-        let sent = query.execute(&mut **connection).await;
+            .bind(fence.to_string())
+            .execute(&mut **connection)
+            .await;
         self.appends_since_sweep(fence);
         if sent.is_err() {
             // Possibly broken (or mid-transaction): not used again.
@@ -947,13 +967,13 @@ VALUES ($1, $2, $3, $4, $5::jsonb)
        payload = EXCLUDED.payload
  WHERE snapshots.last_sequence <= EXCLUDED.last_sequence";
 
-/// The events of a batch in order (each account's in sequence order, accounts in a fixed
-/// order so that concurrent writers lock keys in the same order), through the journal's
-/// insert trigger (hash chain and outbox, row by row as for single inserts): the first CTE
-/// of both append statements below.
-macro_rules! append_events {
-    () => {
-        "WITH appended AS (
+/// The append of a batch: events in order (each account's in sequence order, accounts in
+/// a fixed order so that concurrent writers lock keys in the same order), through the
+/// journal's insert trigger (hash chain and outbox, row by row as for single inserts); and
+/// the statement's fence (migrations/0007_append_fences.sql), which tells after a broken
+/// connection whether it committed.
+const APPEND: &str = "
+WITH appended AS (
     INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                         payload, metadata)
     SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload::jsonb,
@@ -963,44 +983,23 @@ macro_rules! append_events {
                                 metadata, n)
      ORDER BY e.n
     RETURNING 1
-)"
-    };
-}
-
-/// The append of a batch that brings no snapshot due (almost every batch): its events and
-/// the statement's fence (migrations/0007_append_fences.sql), which tells after a broken
-/// connection whether it committed.
-const APPEND: &str = concat!(
-    append_events!(),
-    ", fence AS (
-    INSERT INTO append_fences (id) VALUES ($8::uuid)
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM fence)"
-);
-
-/// The append of a batch with snapshots due: the same, and the snapshots, each written only
-/// over an older one.
-const APPEND_WITH_SNAPSHOTS: &str = concat!(
-    append_events!(),
-    ", snapshot AS (
-    INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
-    SELECT $1, s.aggregate_id, s.last_sequence, s.current_snapshot, s.payload::jsonb
-      FROM unnest($9::text[], $10::bigint[], $11::bigint[], $12::text[])
-           AS s(aggregate_id, last_sequence, current_snapshot, payload)
-        ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
-       SET last_sequence = EXCLUDED.last_sequence,
-           current_snapshot = EXCLUDED.current_snapshot,
-           payload = EXCLUDED.payload
-     WHERE snapshots.last_sequence < EXCLUDED.last_sequence
-    RETURNING 1
 ), fence AS (
     INSERT INTO append_fences (id) VALUES ($8::uuid)
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM fence),
-       (SELECT count(*) FROM snapshot)"
-);
+SELECT (SELECT count(*) FROM appended), (SELECT count(*) FROM fence)";
+
+/// The snapshots a committed batch brought due, each written only over an older one.
+const SNAPSHOTS: &str = "
+INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+SELECT $1, s.aggregate_id, s.last_sequence, s.current_snapshot, s.payload::jsonb
+  FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::text[])
+       AS s(aggregate_id, last_sequence, current_snapshot, payload)
+    ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+   SET last_sequence = EXCLUDED.last_sequence,
+       current_snapshot = EXCLUDED.current_snapshot,
+       payload = EXCLUDED.payload
+ WHERE snapshots.last_sequence < EXCLUDED.last_sequence";
 
 /// The accounts' snapshots, and their events after the snapshot (or all), in sequence order:
 /// a snapshot row (`snapshot` not null) comes before its account's events.
@@ -1029,7 +1028,6 @@ struct Rows {
     versions: Vec<String>,
     payloads: Vec<String>,
     metadata: Vec<String>,
-    snapshots: SnapshotRows,
 }
 
 #[derive(Default)]
@@ -1040,11 +1038,29 @@ struct SnapshotRows {
     payloads: Vec<String>,
 }
 
-impl Rows {
-    /// Adds a group's decided events (each with its command's metadata), and its snapshot
-    /// when one is due after them.
+impl SnapshotRows {
+    /// Adds the snapshot of a group whose decided events are committed, if one is due after
+    /// them: its state now, at the sequence of its last event.
     fn add(&mut self, group: &Group) -> Result<(), serde_json::Error> {
         let (Some(decision), Some(state)) = (&group.decision, &group.state) else {
+            return Ok(());
+        };
+        let Some(counter) = decision.snapshot_counter() else {
+            return Ok(());
+        };
+        self.accounts.push(group.account.as_str().to_owned());
+        self.sequences
+            .push((decision.sequence + decision.events()) as i64);
+        self.counters.push(counter as i64);
+        self.payloads.push(serde_json::to_string(&state.aggregate)?);
+        Ok(())
+    }
+}
+
+impl Rows {
+    /// Adds a group's decided events (each with its command's metadata).
+    fn add(&mut self, group: &Group) -> Result<(), serde_json::Error> {
+        let Some(decision) = &group.decision else {
             return Ok(());
         };
         let account = group.account.as_str();
@@ -1063,14 +1079,6 @@ impl Rows {
                 self.payloads.push(serde_json::to_string(event)?);
                 self.metadata.push(metadata.clone());
             }
-        }
-        if let Some(counter) = decision.snapshot_counter() {
-            self.snapshots.accounts.push(account.to_owned());
-            self.snapshots.sequences.push(sequence as i64);
-            self.snapshots.counters.push(counter as i64);
-            self.snapshots
-                .payloads
-                .push(serde_json::to_string(&state.aggregate)?);
         }
         Ok(())
     }
@@ -1214,24 +1222,19 @@ impl Group {
                 }
             }
         }
-        let appended: usize = verdicts
-            .iter()
-            .map(|v| match v {
-                Verdict::Accepted { events, .. } => events.len(),
-                _ => 0,
-            })
-            .sum();
-        let snapshot_due = appended > 0
+        let mut decision = Decision {
+            sequence,
+            snapshot,
+            snapshot_due: false,
+            verdicts,
+        };
+        let appended = decision.events();
+        decision.snapshot_due = appended > 0
             && snapshot_due(
                 (sequence + appended).saturating_sub(state.snapshot_at),
                 state.aggregate.kept_entries(),
             );
-        self.decision = Some(Decision {
-            sequence,
-            snapshot,
-            snapshot_due,
-            verdicts,
-        });
+        self.decision = Some(decision);
         true
     }
 

@@ -377,13 +377,7 @@ async fn an_account_that_keeps_many_entries_is_snapshotted_less_often() {
     let account = user("many-open-tasks");
     env.recharge(&account, "r1", 20_000).await;
     // 2 events so far; then 1,800 deductions whose tasks stay open, 100 to a batch.
-    for round in 0..18 {
-        let results =
-            join_all((0..100).map(|i| env.run(&account, deduct(&format!("t-{round}-{i}"))))).await;
-        for r in results {
-            r.unwrap();
-        }
-    }
+    deduct_in_batches_of_100(&env, &account, 18).await;
     let client = env.test.client().await;
     let taken_at = count(
         &client,
@@ -404,6 +398,47 @@ async fn an_account_that_keeps_many_entries_is_snapshotted_less_often() {
     assert_eq!(loaded, replayed);
     assert_eq!(loaded.balance(), 20_000 - 18_000);
     assert_eq!(loaded.open_tasks().count(), 1_800);
+}
+
+/// `rounds` × 100 deductions on `account`, the 100 of a round submitted together (one batch).
+async fn deduct_in_batches_of_100(env: &Env, account: &credit_domain::UserId, rounds: usize) {
+    for round in 0..rounds {
+        let results =
+            join_all((0..100).map(|i| env.run(account, deduct(&format!("t-{round}-{i}"))))).await;
+        for r in results {
+            r.unwrap();
+        }
+    }
+}
+
+/// A snapshot is a cache, written after the append it follows: when it cannot be written
+/// (here a trigger refuses every snapshot; in life, one so large that it outlasts the
+/// statement timeout), the commands that brought it due are committed all the same, and the
+/// account loads by replaying its journal.
+#[tokio::test]
+async fn a_snapshot_that_cannot_be_written_fails_no_command() {
+    let env = env().await;
+    let client = env.test.client().await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse_snapshot() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'no snapshot today'; END $$;
+             CREATE TRIGGER refuse_snapshot BEFORE INSERT OR UPDATE ON snapshots
+                 FOR EACH ROW EXECUTE FUNCTION refuse_snapshot();",
+        )
+        .await
+        .unwrap();
+    let account = user("no-snapshots");
+    env.recharge(&account, "r1", 10_000).await;
+    // 2 events so far; 600 deductions, 100 to a batch: past the first snapshot's 500.
+    deduct_in_batches_of_100(&env, &account, 6).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM snapshots").await, 0);
+    let fresh = credit_store::Ledger::new(env.test.db.write.clone());
+    let (loaded, sequence) = fresh.load(&account).await.unwrap();
+    let (replayed, _) = replay(&env, &account).await;
+    assert_eq!(sequence, 602);
+    assert_eq!(loaded, replayed);
+    assert_eq!(loaded.balance(), 10_000 - 6_000);
 }
 
 /// Accounts crossing a snapshot boundary inside a shared batch get their snapshots, and a
