@@ -320,11 +320,24 @@ impl Inner {
         &self,
         held: &'h mut Held,
     ) -> Result<&'h mut sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
-        if held.is_none() {
-            *held = Some(self.pool.acquire().await?);
+        Ok(match held {
+            Some(connection) => connection,
+            None => held.insert(self.pool.acquire().await?),
+        })
+    }
+
+    /// Runs `statement` on the committer's connection (`connection`). A connection on which a
+    /// statement failed may be broken (or left mid-transaction): it is not used again.
+    async fn on_held<T>(
+        &self,
+        held: &mut Held,
+        statement: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let result = statement(self.connection(held).await?).await;
+        if result.is_err() {
+            *held = None;
         }
-        held.as_mut()
-            .ok_or_else(|| sqlx::Error::Protocol("no connection held".to_owned()))
+        result
     }
 
     /// Loads the states of `accounts` in one round trip: each one's latest snapshot (as
@@ -352,21 +365,15 @@ impl Inner {
                 (id.to_owned(), Ok(empty))
             })
             .collect();
-        let rows = match self.connection(held).await {
-            Ok(connection) => {
-                let rows = sqlx::query(LOAD)
+        let rows = self
+            .on_held(held, async |connection| {
+                sqlx::query(LOAD)
                     .bind(CreditAccount::TYPE)
                     .bind(&ids)
-                    .fetch_all(&mut **connection)
-                    .await;
-                if rows.is_err() {
-                    // Possibly broken: not used again.
-                    *held = None;
-                }
-                rows
-            }
-            Err(e) => Err(e),
-        };
+                    .fetch_all(connection)
+                    .await
+            })
+            .await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -661,18 +668,18 @@ impl Inner {
         if rows.accounts.is_empty() {
             return;
         }
-        let written = match self.connection(held).await {
-            Ok(connection) => sqlx::query(SNAPSHOTS)
-                .bind(CreditAccount::TYPE)
-                .bind(&rows.accounts)
-                .bind(&rows.sequences)
-                .bind(&rows.counters)
-                .bind(&rows.payloads)
-                .execute(&mut **connection)
-                .await
-                .inspect_err(|_| *held = None),
-            Err(e) => Err(e),
-        };
+        let written = self
+            .on_held(held, async |connection| {
+                sqlx::query(SNAPSHOTS)
+                    .bind(CreditAccount::TYPE)
+                    .bind(&rows.accounts)
+                    .bind(&rows.sequences)
+                    .bind(&rows.counters)
+                    .bind(&rows.payloads)
+                    .execute(connection)
+                    .await
+            })
+            .await;
         if let Err(e) = written {
             tracing::warn!(accounts = rows.accounts.len(), error = %e, "could not write snapshots; the accounts' next loads replay more events");
         }
@@ -692,26 +699,25 @@ impl Inner {
         }
         let fence = uuid::Uuid::now_v7();
         // Taken first, so that failing to get a connection is known to have sent nothing.
-        let connection = self
-            .connection(held)
+        self.connection(held)
             .await
             .map_err(|e| AppendError::Unavailable(e.to_string()))?;
-        let sent = sqlx::query(APPEND)
-            .bind(CreditAccount::TYPE)
-            .bind(&rows.accounts)
-            .bind(&rows.sequences)
-            .bind(&rows.types)
-            .bind(&rows.versions)
-            .bind(&rows.payloads)
-            .bind(&rows.metadata)
-            .bind(fence.to_string())
-            .execute(&mut **connection)
+        let sent = self
+            .on_held(held, async |connection| {
+                sqlx::query(APPEND)
+                    .bind(CreditAccount::TYPE)
+                    .bind(&rows.accounts)
+                    .bind(&rows.sequences)
+                    .bind(&rows.types)
+                    .bind(&rows.versions)
+                    .bind(&rows.payloads)
+                    .bind(&rows.metadata)
+                    .bind(fence.to_string())
+                    .execute(connection)
+                    .await
+            })
             .await;
         self.appends_since_sweep(fence);
-        if sent.is_err() {
-            // Possibly broken (or mid-transaction): not used again.
-            *held = None;
-        }
         match sent {
             Ok(_) => Ok(()),
             Err(e) if connection_lost(&e) => self.resolve(fence, e.to_string()).await,
@@ -902,18 +908,18 @@ impl Inner {
         let kinds = vec!["CreditsDeducted"; tasks.len()];
         // The same lookup as for duplicates (a charged task id is one); a read: a connection
         // lost here is "not done" (`Unavailable`), like the loads'.
-        let found = match self.connection(held).await {
-            Ok(connection) => sqlx::query_scalar::<_, i64>(DUPLICATES)
-                .bind(CreditAccount::TYPE)
-                .bind(&accounts)
-                .bind(&kinds)
-                .bind(&tasks)
-                .fetch_all(&mut **connection)
-                .await
-                .inspect_err(|_| *held = None),
-            Err(e) => Err(e),
-        }
-        .map_err(ExecuteError::from_read);
+        let found = self
+            .on_held(held, async |connection| {
+                sqlx::query_scalar::<_, i64>(DUPLICATES)
+                    .bind(CreditAccount::TYPE)
+                    .bind(&accounts)
+                    .bind(&kinds)
+                    .bind(&tasks)
+                    .fetch_all(connection)
+                    .await
+            })
+            .await
+            .map_err(ExecuteError::from_read);
         for (n, (i, v, task_id)) in unknown.into_iter().enumerate() {
             let Some(decision) = groups[i].decision.as_mut() else {
                 continue;
@@ -1045,7 +1051,7 @@ impl SnapshotRows {
         let (Some(decision), Some(state)) = (&group.decision, &group.state) else {
             return Ok(());
         };
-        let Some(counter) = decision.snapshot_counter() else {
+        let Some(counter) = decision.snapshot else {
             return Ok(());
         };
         self.accounts.push(group.account.as_str().to_owned());
@@ -1141,11 +1147,10 @@ struct Group {
 
 /// The commands at the front of a group, decided one after the other.
 struct Decision {
-    /// The account's sequence and snapshot counter before these commands.
+    /// The account's sequence before these commands.
     sequence: usize,
+    /// The counter of the snapshot taken after these commands' events, if one is due.
     snapshot: Option<usize>,
-    /// Whether a snapshot is taken after these commands' events.
-    snapshot_due: bool,
     /// One per decided command, in order.
     verdicts: Vec<Verdict>,
 }
@@ -1202,7 +1207,7 @@ impl Group {
         } else {
             self.commands.len()
         };
-        let (sequence, snapshot) = (state.sequence, state.snapshot);
+        let sequence = state.sequence;
         let mut verdicts = Vec::with_capacity(take);
         for pending in self.commands.iter().take(take) {
             match state.aggregate.decide(pending.command.clone()) {
@@ -1224,16 +1229,18 @@ impl Group {
         }
         let mut decision = Decision {
             sequence,
-            snapshot,
-            snapshot_due: false,
+            snapshot: None,
             verdicts,
         };
         let appended = decision.events();
-        decision.snapshot_due = appended > 0
+        if appended > 0
             && snapshot_due(
                 (sequence + appended).saturating_sub(state.snapshot_at),
                 state.aggregate.kept_entries(),
-            );
+            )
+        {
+            decision.snapshot = Some(state.snapshot.map_or(1, |s| s + 1));
+        }
         self.decision = Some(decision);
         true
     }
@@ -1244,7 +1251,7 @@ impl Group {
             return;
         };
         let mut sequence = decision.sequence;
-        let snapshot = decision.snapshot_counter();
+        let snapshot = decision.snapshot;
         for verdict in decision.verdicts {
             let Some(pending) = self.commands.pop_front() else {
                 break;
@@ -1471,7 +1478,6 @@ impl Drop for Committer {
     }
 }
 
-/// The snapshot counter after appending the events up to `to` from `from`.
 /// Whether an account that keeps `entries` entries, `since` events after its latest snapshot
 /// (or its first event), is due a new one: after `SNAPSHOT_EVERY` events, or after half as
 /// many events as it keeps entries if that is more. A snapshot's size grows with the entries
@@ -1482,14 +1488,6 @@ impl Drop for Committer {
 /// snapshot every 500 deductions, which cut its rate by more than half.
 fn snapshot_due(since: usize, entries: usize) -> bool {
     since >= SNAPSHOT_EVERY.max(entries / 2)
-}
-
-impl Decision {
-    /// The counter of the snapshot taken after these commands, if one is due.
-    fn snapshot_counter(&self) -> Option<usize> {
-        self.snapshot_due
-            .then(|| self.snapshot.map_or(1, |s| s + 1))
-    }
 }
 
 #[cfg(test)]

@@ -391,13 +391,70 @@ async fn an_account_that_keeps_many_entries_is_snapshotted_less_often() {
         (1_000..1_500).contains(&taken_at),
         "latest snapshot at sequence {taken_at}"
     );
-    let fresh = credit_store::Ledger::new(env.test.db.write.clone());
-    let (loaded, sequence) = fresh.load(&account).await.unwrap();
-    let (replayed, _) = replay(&env, &account).await;
-    assert_eq!(sequence, 1_802);
-    assert_eq!(loaded, replayed);
+    let loaded = loads_as_replayed(&env, &account, 1_802).await;
     assert_eq!(loaded.balance(), 20_000 - 18_000);
     assert_eq!(loaded.open_tasks().count(), 1_800);
+}
+
+/// A committer keeps its write connection between batches while it has work, but not when
+/// the pool has none to spare: with a write pool of one connection, both committers (and
+/// the commands behind them) keep being served under continuous load, instead of one of them
+/// waiting past the pool's 4 s for the connection the other keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_pool_of_one_connection_serves_both_committers_under_load() {
+    let env = env_with_pools(1, 4).await;
+    let accounts: Vec<_> = (0..8).map(|i| user(&format!("one-conn-{i}"))).collect();
+    for account in &accounts {
+        env.recharge(account, &format!("{account}-r1"), 1_000_000)
+            .await;
+    }
+    // One caller per account, each sending its next command as soon as the last is answered,
+    // for 6 s: the queue is never empty, so no committer stops of its own accord.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let callers = accounts.iter().map(|account| {
+        let ledger = env.ledger.clone();
+        let account = account.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut n = 0;
+            while std::time::Instant::now() < until {
+                n += 1;
+                match ledger
+                    .execute(&account, deduct(&format!("t{n}")), HashMap::new())
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    });
+    for (ok, failed) in join_all(callers).await.into_iter().map(|r| r.unwrap()) {
+        assert!(
+            failed.is_empty(),
+            "{} failed, the first: {}",
+            failed.len(),
+            failed[0]
+        );
+        assert!(ok > 0);
+    }
+}
+
+/// Loads `account` in a fresh process (a new `Ledger`: its snapshot, then the events after
+/// it), checks that it is at `sequence` and equal to a replay of its whole journal, and
+/// returns it.
+async fn loads_as_replayed(
+    env: &Env,
+    account: &credit_domain::UserId,
+    sequence: usize,
+) -> credit_domain::CreditAccount {
+    let fresh = credit_store::Ledger::new(env.test.db.write.clone());
+    let (loaded, at) = fresh.load(account).await.unwrap();
+    let (replayed, _) = replay(env, account).await;
+    assert_eq!(at, sequence, "{account}");
+    assert_eq!(loaded, replayed, "{account}");
+    loaded
 }
 
 /// `rounds` × 100 deductions on `account`, the 100 of a round submitted together (one batch).
@@ -433,11 +490,7 @@ async fn a_snapshot_that_cannot_be_written_fails_no_command() {
     // 2 events so far; 600 deductions, 100 to a batch: past the first snapshot's 500.
     deduct_in_batches_of_100(&env, &account, 6).await;
     assert_eq!(count(&client, "SELECT count(*) FROM snapshots").await, 0);
-    let fresh = credit_store::Ledger::new(env.test.db.write.clone());
-    let (loaded, sequence) = fresh.load(&account).await.unwrap();
-    let (replayed, _) = replay(&env, &account).await;
-    assert_eq!(sequence, 602);
-    assert_eq!(loaded, replayed);
+    let loaded = loads_as_replayed(&env, &account, 602).await;
     assert_eq!(loaded.balance(), 10_000 - 6_000);
 }
 
@@ -474,16 +527,14 @@ async fn snapshots_written_by_shared_batches_load_back() {
         .await,
         3
     );
-    let fresh = credit_store::Ledger::new(env.test.db.write.clone());
     for account in &accounts {
-        let (loaded, sequence) = fresh.load(account).await.unwrap();
-        let (replayed, _) = replay(&env, account).await;
-        assert_eq!(sequence, credit_store::executor::SNAPSHOT_EVERY + 1);
-        assert_eq!(loaded, replayed);
+        let loaded =
+            loads_as_replayed(&env, account, credit_store::executor::SNAPSHOT_EVERY + 1).await;
         assert_eq!(loaded.balance(), 100 + 499);
     }
     // A fresh process's executor loads all three (snapshot and the event after it) in one
     // batch, and carries on from there.
+    let fresh = credit_store::Ledger::new(env.test.db.write.clone());
     let results = join_all(accounts.iter().map(|a| {
         fresh.execute(
             a,

@@ -13,7 +13,15 @@ pub struct Env {
 }
 
 pub async fn env() -> Env {
-    let test = TestDb::new().await;
+    env_on(TestDb::new().await)
+}
+
+/// An environment whose pools have these sizes.
+pub async fn env_with_pools(write: u32, read: usize) -> Env {
+    env_on(TestDb::with_pools(write, read).await)
+}
+
+fn env_on(test: TestDb) -> Env {
     let ledger = std::sync::Arc::new(Ledger::new(test.db.write.clone()));
     let projector = Projector::new(test.db.read.clone(), ledger.appended());
     Env {
