@@ -37,6 +37,9 @@ struct Args {
     /// Worker counts to run each scenario at.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     workers: Vec<usize>,
+    /// Scenarios to run (`spread`, `hot`), each at every worker count.
+    #[arg(long, value_delimiter = ',', default_value = "spread,hot")]
+    scenarios: Vec<String>,
     /// Events in the journal the audit replays (0 skips the audit part).
     #[arg(long, default_value_t = 1_000_000)]
     audit_events: usize,
@@ -272,7 +275,10 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
     let duration = Duration::from_secs(args.seconds);
     let mut rows = Vec::new();
     print_header();
-    for scenario in [Scenario::Spread, Scenario::Hot] {
+    let scenarios = [Scenario::Spread, Scenario::Hot]
+        .into_iter()
+        .filter(|s| args.scenarios.iter().any(|name| name == s.name()));
+    for scenario in scenarios {
         for &workers in &args.workers {
             sampler.take();
             let tag = format!("{}{workers}r{}", scenario.name(), rows.len());

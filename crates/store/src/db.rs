@@ -197,13 +197,21 @@ pub async fn write_pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
         // startup `options` parameter, which connection poolers may refuse.
         .after_connect(|connection, _| {
             Box::pin(async move {
-                // Not `plan_cache_mode = force_generic_plan`, although PostgreSQL re-plans
-                // the executor's load of cold accounts at every execution (0.2 ms, more than
-                // the load): where one account holds most of the journal, the generic plan
-                // of that load read the whole journal (0.1 s per load; ledger-bench's
-                // long-history part).
+                // Every statement of the write side reads by key (the executor's load, its
+                // duplicate and conflict checks, the trigger's previous-hash lookup), so its
+                // sessions run generic plans, made once per connection: PostgreSQL re-planned
+                // the load of a cold account at every execution (0.2 ms, more than the load
+                // itself; ledger-bench's spread x1). A generic plan is estimated from
+                // statistics, not from the account asked for: where one account holds most
+                // of the journal it chose to scan the journal (0.1 s a load). Scans of whole
+                // tables and bitmaps are therefore ruled out for these sessions, and the
+                // load is written per account (`LATERAL`), so that its one plan is a range
+                // of the journal's primary key whatever the statistics say. JIT is off: a
+                // generic plan's estimates (a third of the journal per account) made
+                // PostgreSQL compile the load (15 ms) for a read of a few rows.
                 let set = format!(
-                    "SET statement_timeout = {}",
+                    "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan; \
+                     SET enable_seqscan = off; SET enable_bitmapscan = off; SET jit = off",
                     WRITE_STATEMENT_TIMEOUT.as_millis()
                 );
                 sqlx::Executor::execute(connection, set.as_str()).await?;

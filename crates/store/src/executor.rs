@@ -1008,21 +1008,30 @@ SELECT $1, s.aggregate_id, s.last_sequence, s.current_snapshot, s.payload::jsonb
  WHERE snapshots.last_sequence < EXCLUDED.last_sequence";
 
 /// The accounts' snapshots, and their events after the snapshot (or all), in sequence order:
-/// a snapshot row (`snapshot` not null) comes before its account's events.
+/// a snapshot row (`snapshot` not null) comes before its account's events. Each account's
+/// snapshot and events are read by subqueries of its own (`LATERAL`): a probe of the
+/// snapshots' primary key and a range of the journal's from the snapshot on, the one plan the
+/// write sessions' settings leave (db.rs), so a load costs the same whatever the statistics
+/// (0.14 ms for three accounts, 0.56 ms for 200 events after a snapshot, in `EXPLAIN ANALYZE`
+/// of the generic plan on a journal where one account holds 300,000 events).
 const LOAD: &str = "
-WITH wanted AS (
-    SELECT unnest($2::text[]) AS id
-), snap AS (
-    SELECT s.aggregate_id, s.last_sequence, s.current_snapshot, s.payload
-      FROM snapshots s JOIN wanted w ON s.aggregate_type = $1 AND s.aggregate_id = w.id
-)
-SELECT aggregate_id, last_sequence AS sequence, current_snapshot AS snapshot, payload FROM snap
+SELECT w.id AS aggregate_id, s.last_sequence AS sequence, s.current_snapshot AS snapshot,
+       s.payload
+  FROM unnest($2::text[]) AS w(id)
+ CROSS JOIN LATERAL (
+        SELECT s.last_sequence, s.current_snapshot, s.payload
+          FROM snapshots s
+         WHERE s.aggregate_type = $1 AND s.aggregate_id = w.id) s
 UNION ALL
-SELECT e.aggregate_id, e.sequence, NULL, e.payload
-  FROM wanted w
-  LEFT JOIN snap ON snap.aggregate_id = w.id
-  JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = w.id
-                AND e.sequence > coalesce(snap.last_sequence, 0)
+SELECT w.id, e.sequence, NULL, e.payload
+  FROM unnest($2::text[]) AS w(id)
+ CROSS JOIN LATERAL (
+        SELECT e.sequence, e.payload
+          FROM events e
+         WHERE e.aggregate_type = $1 AND e.aggregate_id = w.id
+           AND e.sequence > coalesce((SELECT s.last_sequence FROM snapshots s
+                                       WHERE s.aggregate_type = $1 AND s.aggregate_id = w.id), 0)
+         ORDER BY e.sequence) e
  ORDER BY 1, 2";
 
 /// The columns of one append statement.
