@@ -1034,6 +1034,13 @@ SELECT w.id, e.sequence, NULL, e.payload
          ORDER BY e.sequence) e
  ORDER BY 1, 2";
 
+/// The executor's load statement (`$1` the aggregate type, `$2` the account ids), for tests
+/// that check how the write sessions plan it.
+#[doc(hidden)]
+pub fn load_statement() -> &'static str {
+    LOAD
+}
+
 /// The columns of one append statement.
 #[derive(Default)]
 struct Rows {

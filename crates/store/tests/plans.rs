@@ -1,0 +1,89 @@
+//! How the write sessions plan the executor's load: one generic plan per connection (a cold
+//! account's load is not re-planned at each execution), and that plan reads each account by
+//! key whatever the journal's statistics say. Where one account holds nearly the whole
+//! journal, PostgreSQL's estimate for "one account's events" is half the table, and a generic
+//! plan left to itself scanned the journal (0.1 s a load) or compiled the load with JIT
+//! (15 ms): see crates/store/src/db.rs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use cqrs_es::Aggregate;
+use credit_domain::CreditAccount;
+
+/// Every plan node type in an `EXPLAIN (FORMAT JSON)` plan, and whether it planned JIT.
+fn node_types(plan: &serde_json::Value, into: &mut Vec<String>) {
+    if let Some(kind) = plan.get("Node Type").and_then(|k| k.as_str()) {
+        into.push(kind.to_owned());
+    }
+    for child in plan
+        .get("Plans")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
+        node_types(child, into);
+    }
+}
+
+#[tokio::test]
+async fn the_load_reads_by_key_where_one_account_holds_the_journal() {
+    let env = env().await;
+    let client = env.test.db.read.get().await.unwrap();
+    // 20,000 events of one account and 2 of another, written without the journal's triggers
+    // (this test looks at plans, not at hashes), a snapshot, and fresh statistics.
+    client
+        .batch_execute(
+            "ALTER TABLE events DISABLE TRIGGER USER;
+             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata, hash)
+             SELECT 'CreditAccount', CASE WHEN g <= 20000 THEN 'long' ELSE 'short' END,
+                    CASE WHEN g <= 20000 THEN g ELSE g - 20000 END, 'X', '1', '{}', '{}', '\\x00'
+               FROM generate_series(1, 20002) g;
+             ALTER TABLE events ENABLE TRIGGER USER;
+             INSERT INTO snapshots VALUES ('CreditAccount', 'long', 19800, 1, '{}');
+             ANALYZE events; ANALYZE snapshots;",
+        )
+        .await
+        .unwrap();
+
+    let mut connection = env.test.db.write.acquire().await.unwrap();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&mut *connection)
+        .await
+        .unwrap();
+    assert_eq!(mode, "force_generic_plan");
+    // The statement as the executor's prepared statement runs it, through a named prepared
+    // statement: `EXPLAIN` of a statement with bound values would plan it for those values.
+    sqlx::raw_sql(&format!(
+        "PREPARE load(text, text[]) AS {}",
+        credit_store::executor::load_statement()
+    ))
+    .execute(&mut *connection)
+    .await
+    .unwrap();
+    for accounts in ["{long}", "{short,long,nobody}"] {
+        let plan: serde_json::Value = sqlx::query_scalar(&format!(
+            "EXPLAIN (FORMAT JSON) EXECUTE load('{}', '{accounts}')",
+            CreditAccount::TYPE
+        ))
+        .fetch_one(&mut *connection)
+        .await
+        .unwrap();
+        let top = &plan[0];
+        assert!(top.get("JIT").is_none(), "the load is compiled: {plan:#}");
+        let mut kinds = Vec::new();
+        node_types(&top["Plan"], &mut kinds);
+        assert!(
+            kinds
+                .iter()
+                .all(|k| k != "Seq Scan" && !k.starts_with("Bitmap")),
+            "the load scans a table for {accounts:?}: {kinds:?}\n{plan:#}"
+        );
+        assert!(
+            kinds.iter().filter(|k| *k == "Index Scan").count() >= 2,
+            "{kinds:?}"
+        );
+    }
+}
