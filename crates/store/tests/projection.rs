@@ -253,3 +253,41 @@ async fn rebuild_restores_tampered_tables() {
     assert_eq!(dump(&client).await, projected);
     assert_projection_matches_journal(&env).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_longer_than_a_batch_is_applied_and_cleared_by_one_batch() {
+    let env = env().await;
+    // A small account first (its outbox rows come first), then one with more events than a
+    // batch takes rows.
+    let small = user("user-small");
+    env.recharge(&small, "small-r1", 1_000).await;
+    let big = user("user-backlog");
+    env.recharge(&big, "big-r1", 20_000).await;
+    let tasks = projector::BATCH as usize + 100;
+    for t in 0..tasks {
+        env.run(&big, deduct(&format!("big-t{t}"))).await.unwrap();
+    }
+    let client = env.test.client().await;
+    let events = count(&client, "SELECT count(*) FROM events").await;
+    assert_eq!(events, 4 + tasks as i64);
+
+    // One batch takes `BATCH` outbox rows, reads every event of both accounts past their
+    // checkpoints, and clears the rows it did not take but applied (fails if only the rows
+    // taken were deleted: about a hundred would be left for later batches).
+    let taken = fresh_projector(&env).run_batch(None).await.unwrap();
+    assert_eq!(taken, projector::BATCH as u64);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_outbox").await,
+        0,
+        "rows applied by the batch are not left in the outbox"
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT last_sequence FROM users WHERE id = 'user-backlog'"
+        )
+        .await,
+        2 + tasks as i64
+    );
+    assert_projection_matches_journal(&env).await;
+}
