@@ -117,43 +117,22 @@ impl Projector {
     async fn batch(&self, interrupt: Option<Interrupt>) -> anyhow::Result<(u64, u64)> {
         let mut client = self.pool.get().await.context("projector connection")?;
         let tx = client.transaction().await?;
-        // A projection commit may be lost in a database crash without harm: its outbox rows
-        // and checkpoints come back with it, and the work is redone. So it need not wait for
-        // its WAL flush, which halves the fsyncs the ledger's appends compete with.
-        // JIT off: the read of the accounts' new events is estimated at a third of each
-        // account's history (the checkpoint comes from a join), which would compile it
-        // (tens of ms) for a read of a few rows. Whole-table scans off: the outbox is a queue,
-        // its statistics see a few rows while its heap holds the dead rows of thousands of
-        // deletes a second, so both deletes of the outbox were planned as sequential scans of
-        // it (1.5 and 3 ms a batch under `ledger-bench`'s spread load, against a few hundred
-        // µs by its indexes).
         let (_, outbox) = futures::try_join!(
-            tx.batch_execute(
-                "SET LOCAL synchronous_commit = off; SET LOCAL jit = off; \
-                 SET LOCAL enable_seqscan = off"
-            ),
+            tx.batch_execute(BATCH_SETTINGS),
             // Taken and deleted at once: a rollback (or a crash) brings the rows back, and
             // a row deleted here is written once, not locked first and deleted later.
-            query(
-                &tx,
-                "DELETE FROM projection_outbox WHERE id IN (
-                     SELECT id FROM projection_outbox ORDER BY id LIMIT $1
-                        FOR UPDATE SKIP LOCKED)
-                 RETURNING aggregate_id, sequence",
-                &[&BATCH],
-            )
+            query(&tx, TAKE, &[&BATCH])
         )?;
         if outbox.is_empty() {
             return Ok((0, 0));
         }
-        // The highest sequence each account's taken rows name.
-        let mut taken: HashMap<String, i64> = HashMap::new();
-        for r in &outbox {
-            let sequence: i64 = r.try_get("sequence")?;
-            let last = taken.entry(r.try_get("aggregate_id")?).or_insert(sequence);
-            *last = (*last).max(sequence);
-        }
-        let mut accounts: Vec<String> = taken.keys().cloned().collect();
+        let taken = highest_sequences(
+            outbox
+                .iter()
+                .map(|r| Ok((r.try_get("aggregate_id")?, r.try_get("sequence")?)))
+                .collect::<Result<Vec<_>, tokio_postgres::Error>>()?,
+        );
+        let mut accounts: Vec<&str> = taken.keys().copied().collect();
         accounts.sort();
         let by_account: &[&(dyn ToSql + Sync)] = &[&accounts];
         let events_of: &[&(dyn ToSql + Sync)] = &[&accounts, &CreditAccount::TYPE];
@@ -184,28 +163,14 @@ impl Projector {
         // (a lookup per account of the batch was an eighth of the projector's time). Rows
         // another projector holds are skipped, they are its work. One missed here is no harm:
         // a later batch finds nothing past the checkpoint for it and deletes it.
-        let mut applied_to: HashMap<&str, i64> = HashMap::new();
-        for row in &rows {
-            let last = applied_to
-                .entry(row.account.as_str())
-                .or_insert(row.sequence);
-            *last = (*last).max(row.sequence);
-        }
+        let applied_to = highest_sequences(rows.iter().map(|r| (r.account.as_str(), r.sequence)));
         let beyond: Vec<&str> = applied_to
             .into_iter()
-            .filter(|(account, last)| taken.get(*account).is_none_or(|t| last > t))
+            .filter(|(account, last)| taken.get(account).is_none_or(|t| last > t))
             .map(|(account, _)| account)
             .collect();
         if !beyond.is_empty() {
-            execute(
-                &tx,
-                "DELETE FROM projection_outbox WHERE id IN (
-                     SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
-                      WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
-                        FOR UPDATE OF o SKIP LOCKED)",
-                &[&beyond],
-            )
-            .await?;
+            execute(&tx, CLEAR_APPLIED, &[&beyond]).await?;
         }
         if interrupt == Some(Interrupt::BeforeCommit) {
             // Dropping the transaction rolls it back, exactly as a killed process would.
@@ -214,6 +179,49 @@ impl Projector {
         tx.commit().await?;
         Ok((outbox.len() as u64, applied))
     }
+}
+
+/// Settings of a batch's transaction. A projection commit may be lost in a database crash
+/// without harm: its outbox rows and checkpoints come back with it, and the work is redone; so
+/// it need not wait for its WAL flush, which halves the fsyncs the ledger's appends compete
+/// with. JIT off: the read of the accounts' new events is estimated at a third of each
+/// account's history (the checkpoint comes from a join), which would compile it (tens of ms)
+/// for a read of a few rows. Whole-table scans off: the outbox is a queue, its statistics see
+/// a few rows while its heap holds the dead rows of thousands of deletes a second, so both
+/// deletes of the outbox were planned as sequential scans of it (1.5 and 3 ms a batch under
+/// `ledger-bench`'s spread load, against a few hundred µs by its indexes;
+/// crates/store/tests/plans.rs).
+const BATCH_SETTINGS: &str =
+    "SET LOCAL synchronous_commit = off; SET LOCAL jit = off; SET LOCAL enable_seqscan = off";
+
+/// Takes (deletes) the next `$1` outbox rows that no other projector holds. (The outbox
+/// statements begin with their first word: tests find a blocked batch by its query's start.)
+const TAKE: &str = "DELETE FROM projection_outbox WHERE id IN (
+    SELECT id FROM projection_outbox ORDER BY id LIMIT $1
+       FOR UPDATE SKIP LOCKED)
+RETURNING aggregate_id, sequence";
+
+/// Deletes the outbox rows of the accounts `$1` that their checkpoints have passed.
+const CLEAR_APPLIED: &str = "DELETE FROM projection_outbox WHERE id IN (
+    SELECT o.id FROM projection_outbox o JOIN users u ON u.id = o.aggregate_id
+     WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
+       FOR UPDATE OF o SKIP LOCKED)";
+
+/// A batch's settings and its two outbox statements (`TAKE`, `CLEAR_APPLIED`), for tests
+/// that check how a batch plans them.
+#[doc(hidden)]
+pub fn batch_statements() -> [&'static str; 3] {
+    [BATCH_SETTINGS, TAKE, CLEAR_APPLIED]
+}
+
+/// The highest sequence of each account among `pairs` of (account, sequence).
+fn highest_sequences<'a>(pairs: impl IntoIterator<Item = (&'a str, i64)>) -> HashMap<&'a str, i64> {
+    let mut highest = HashMap::new();
+    for (account, sequence) in pairs {
+        let last = highest.entry(account).or_insert(sequence);
+        *last = (*last).max(sequence);
+    }
+    highest
 }
 
 /// The events of the accounts `$1` past their checkpoints, by account then sequence. Per
