@@ -123,7 +123,7 @@ impl Batch {
             .prepare(
                 "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
                                      event_version, payload, metadata)
-                 SELECT 'CreditAccount', a, s, t, '1.0', p::jsonb, '{}'::jsonb
+                 SELECT 'CreditAccount', a, s, t, '1.0', p::jsonb::json, '{}'::jsonb::json
                    FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
                         WITH ORDINALITY AS x(a, s, t, p, n)
                   ORDER BY n",

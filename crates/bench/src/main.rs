@@ -409,7 +409,7 @@ impl AuditFigures {
 
 async fn audit(args: &Args, url: &str) -> anyhow::Result<AuditFigures> {
     let database = connect(args, url).await?;
-    let mut client = database.read.get().await?;
+    let client = database.read.get().await?;
     println!();
     let existing: i64 = client
         .query_one("SELECT count(*) FROM events", &[])
@@ -423,7 +423,7 @@ async fn audit(args: &Args, url: &str) -> anyhow::Result<AuditFigures> {
         client.batch_execute("VACUUM ANALYZE").await?;
         built
     };
-    let report = credit_store::audit::run(&mut client, None).await?;
+    let report = credit_store::audit::run_apart(url, None, None).await?;
     println!(
         "  audit::run: ok={} events={} accounts={} in {:.2} s = {:.0} events/s",
         report.ok,
@@ -470,7 +470,8 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
         drop(client);
         let workers = args.workers.iter().copied().max().unwrap_or(16);
         let seconds = Duration::from_secs(args.seconds);
-        let figures = scale::measure(&database, args.audit_accounts, workers, seconds).await?;
+        let figures =
+            scale::measure(&database, &url, args.audit_accounts, workers, seconds).await?;
         database.read.close();
         database.write.close().await;
         anyhow::Ok(figures)

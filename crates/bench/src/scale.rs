@@ -47,6 +47,7 @@ pub struct Figures {
 /// the tables and audits everything.
 pub async fn measure(
     database: &Database,
+    url: &str,
     accounts: usize,
     workers: usize,
     duration: Duration,
@@ -76,7 +77,7 @@ pub async fn measure(
     stop.send(true)?;
     projecting.await?;
 
-    let mut client = database.read.get().await?;
+    let client = database.read.get().await?;
     let events: i64 = client
         .query_one("SELECT count(*) FROM events", &[])
         .await?
@@ -100,7 +101,7 @@ pub async fn measure(
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let report = credit_store::audit::run(&mut client, None).await?;
+    let report = credit_store::audit::run_apart(url, None, None).await?;
     for d in report.discrepancies.iter().take(10) {
         println!("  {d}");
     }

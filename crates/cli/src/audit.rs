@@ -3,6 +3,7 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -96,26 +97,22 @@ struct CheckpointOutcome {
 }
 
 pub async fn full(
-    pool: &Pool,
+    url: &str,
     json: bool,
     checkpoint: Option<CheckpointArgs>,
 ) -> anyhow::Result<ExitCode> {
-    let mut client = pool.get().await?;
     let against = checkpoint
         .as_ref()
         .and_then(|c| c.existing.as_ref())
-        .map(|p| &p.checkpoint);
+        .map(|p| p.checkpoint.clone());
     let bar = progress::bar(0, "auditing");
-    let report = match &bar {
-        None => audit::run_against(&mut client, None, against).await?,
-        Some(bar) => {
-            let update = |done: u64, total: u64| {
-                bar.set_length(total);
-                bar.set_position(done);
-            };
-            audit::run_against(&mut client, Some(&update), against).await?
-        }
-    };
+    let update = bar.clone().map(|bar| {
+        Arc::new(move |done: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(done);
+        }) as audit::SharedProgress
+    });
+    let report = audit::run_apart(url, update, against).await?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

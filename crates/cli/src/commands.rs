@@ -31,7 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         args.checkpoint,
                         args.public_key.as_deref(),
                     )?;
-                    audit::full(&pool, args.json, checkpoint).await
+                    audit::full(&url, args.json, checkpoint).await
                 }
                 Some(AuditCommand::Balance { user, at }) => {
                     anyhow::ensure!(

@@ -765,7 +765,7 @@ async fn a_checkpoint_catches_deleted_heads_truncation_and_recomputed_rewrites()
     // Rewrite carol's deduction (a non-money field) and recompute every hash after it, exactly
     // as the insert trigger would have.
     db.tamper(
-        "UPDATE events SET payload = jsonb_set(payload, '{CreditsDeducted,description}', '\"rewritten\"')
+        "UPDATE events SET payload = jsonb_set(payload::jsonb, '{CreditsDeducted,description}', '\"rewritten\"')
           WHERE aggregate_id = 'carol' AND sequence = 2",
     )
     .await;
@@ -961,7 +961,7 @@ async fn an_export_is_verified_independently_against_a_signed_checkpoint() {
     // The journal rewritten before the checkpoint with recomputed hashes: the export alone
     // is consistent, the checkpoint is not held.
     db.tamper(
-        "UPDATE events SET payload = jsonb_set(payload, '{RechargeRequested,provider}', '\"x\"')
+        "UPDATE events SET payload = jsonb_set(payload::jsonb, '{RechargeRequested,provider}', '\"x\"')
           WHERE aggregate_id = 'bob' AND sequence = 1",
     )
     .await;

@@ -42,6 +42,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0008_idempotency_indexes",
         include_str!("../../../migrations/0008_idempotency_indexes.sql"),
     ),
+    (
+        "0009_journal_text",
+        include_str!("../../../migrations/0009_journal_text.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

@@ -122,7 +122,7 @@ async fn edited_event_payload_is_found() {
     let sequence: i64 = env
         .test
         .tamper(
-            "UPDATE events SET payload = jsonb_set(payload, '{CreditsDeducted,description}', '\"x\"')
+            "UPDATE events SET payload = jsonb_set(payload::jsonb, '{CreditsDeducted,description}', '\"x\"')
               WHERE aggregate_id = 'user-001' AND payload->'CreditsDeducted'->>'task_id' = 'user-001-t2'
               RETURNING sequence",
         )
@@ -146,7 +146,7 @@ async fn edited_event_amount_is_found() {
     let sequence: i64 = env
         .test
         .tamper(
-            "UPDATE events SET payload = jsonb_set(payload, '{CreditsDeducted,credits}', '1')
+            "UPDATE events SET payload = jsonb_set(payload::jsonb, '{CreditsDeducted,credits}', '1')
               WHERE aggregate_id = 'user-003' AND payload->'CreditsDeducted'->>'task_id' = 'user-003-t1'
               RETURNING sequence",
         )
@@ -287,4 +287,97 @@ async fn audit_is_clean_while_commands_execute() {
     projecting.await.unwrap();
     env.projector.drain().await.unwrap();
     assert_projection_matches_journal(&env).await;
+}
+
+/// Every event's stored text and hash, in journal order.
+async fn journal_text(env: &Env) -> Vec<(i64, String, String, Vec<u8>)> {
+    env.test
+        .client()
+        .await
+        .query(
+            "SELECT position, payload::text, metadata::text, hash FROM events ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// Migration 0009 turns the journal's jsonb columns into json holding the same text, so a
+/// journal written before it (as jsonb) keeps every hash, audits clean after it, and goes on
+/// growing; events appended after it are stored in jsonb's canonical text, as before.
+#[tokio::test]
+async fn a_journal_written_as_jsonb_keeps_its_hashes_through_migration_0009() {
+    let env = env().await;
+    let alice = user("user-900");
+    env.recharge(&alice, "r1", 1_000).await;
+    // Text that jsonb and serde escape differently (or not at all) if they were ever mixed up.
+    let mut tricky = deduct("t-tricky");
+    if let credit_domain::CreditCommand::DeductForTask { video, .. } = &mut tricky {
+        video.prompt = "é 猫 🐈 \"quoted\" back\\slash / </script> ’".into();
+    }
+    env.run(&alice, tricky).await.unwrap();
+    populate(&env, 3, 3).await;
+    let with_metadata = std::collections::HashMap::from([(
+        "request_id".to_owned(),
+        "5d1c6b1e-0000-4000-8000-000000000001".to_owned(),
+    )]);
+    env.ledger
+        .execute(&alice, deduct("t-meta"), with_metadata)
+        .await
+        .unwrap();
+    env.projector.drain().await.unwrap();
+
+    // The journal as a deployment from before 0009 has it: jsonb columns, 0009 not applied.
+    let mut client = env.test.client().await;
+    client
+        .batch_execute(
+            "ALTER TABLE events ALTER COLUMN payload TYPE jsonb USING payload::jsonb,
+                                ALTER COLUMN metadata TYPE jsonb USING metadata::jsonb;
+             DELETE FROM schema_migrations WHERE version = '0009_journal_text';",
+        )
+        .await
+        .unwrap();
+    let before = journal_text(&env).await;
+    assert!(env.audit().await.ok);
+
+    let applied = credit_store::db::migrate(&mut client).await.unwrap();
+    assert_eq!(applied, ["0009_journal_text"]);
+    let types: Vec<String> = client
+        .query(
+            "SELECT data_type FROM information_schema.columns
+              WHERE table_name = 'events' AND column_name IN ('payload', 'metadata')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["json", "json"]);
+    assert_eq!(journal_text(&env).await, before, "text or hash changed");
+    let report = env.audit().await;
+    assert!(report.ok, "{:#?}", report.discrepancies);
+
+    // Appends after the migration: refused duplicates still refused by the json indexes,
+    // new events in canonical text, the audit still clean.
+    assert!(env.run(&alice, deduct("t-tricky")).await.is_err());
+    env.run(&alice, deduct("t-after")).await.unwrap();
+    env.run(&alice, fail("t-after")).await.unwrap();
+    env.projector.drain().await.unwrap();
+    let not_canonical: i64 = client
+        .query_one(
+            "SELECT count(*) FROM events
+              WHERE payload::text <> payload::jsonb::text OR metadata::text <> metadata::jsonb::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(not_canonical, 0);
+    let report = env.audit().await;
+    assert!(report.ok, "{:#?}", report.discrepancies);
+    assert_eq!(report.events_checked as usize, before.len() + 3);
 }

@@ -142,8 +142,7 @@ pub async fn adjust(
 }
 
 pub async fn audit(state: web::Data<AppState>, _admin: Admin) -> Result<HttpResponse, ApiError> {
-    let mut client = state.read().await?;
-    let report = credit_store::audit::run(&mut client, None).await?;
+    let report = credit_store::audit::run_apart(&state.config.database_url, None, None).await?;
     Ok(HttpResponse::Ok().json(report))
 }
 
@@ -154,8 +153,7 @@ pub async fn checkpoint(
     state: web::Data<AppState>,
     _admin: Admin,
 ) -> Result<HttpResponse, ApiError> {
-    let mut client = state.read().await?;
-    let report = credit_store::audit::run(&mut client, None).await?;
+    let report = credit_store::audit::run_apart(&state.config.database_url, None, None).await?;
     if !report.ok {
         let found = report.discrepancies.len();
         return Err(ApiError::new(
