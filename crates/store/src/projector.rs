@@ -137,19 +137,11 @@ impl Projector {
         let by_account: &[&(dyn ToSql + Sync)] = &[&accounts];
         let events_of: &[&(dyn ToSql + Sync)] = &[&accounts, &CreditAccount::TYPE];
 
-        // Sent together (pipelined), run in order: create missing checkpoints, lock them in
-        // a fixed order (two projectors never deadlock), read the events past them.
-        let (_, _, rows) = futures::try_join!(
-            execute(
-                &tx,
-                "INSERT INTO users (id) SELECT unnest($1::text[]) ON CONFLICT (id) DO NOTHING",
-                by_account,
-            ),
-            execute(
-                &tx,
-                "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-                by_account,
-            ),
+        // Sent together (pipelined), run in order: create the missing checkpoints and lock
+        // them all, in a fixed order (two projectors never deadlock); read the events past
+        // them.
+        let (_, rows) = futures::try_join!(
+            execute(&tx, LOCK_CHECKPOINTS, by_account),
             query(&tx, EVENTS_PAST_CHECKPOINTS, events_of)
         )?;
         let rows = decode_rows(rows)?;
@@ -194,6 +186,14 @@ impl Projector {
 const BATCH_SETTINGS: &str =
     "SET LOCAL synchronous_commit = off; SET LOCAL jit = off; SET LOCAL enable_seqscan = off";
 
+/// Creates the checkpoint (`users` row) of each account of `$1` that has none and locks
+/// every one of them, in the order of `$1` (sorted). One statement: `ON CONFLICT DO UPDATE`
+/// locks the row it conflicts with even when its `WHERE` updates nothing (PostgreSQL's
+/// `INSERT` reference), where an insert `ON CONFLICT DO NOTHING` then a `SELECT … FOR
+/// UPDATE` took two passes over the same keys.
+const LOCK_CHECKPOINTS: &str = "INSERT INTO users (id) SELECT unnest($1::text[])
+    ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id WHERE false";
+
 /// Takes (deletes) the next `$1` outbox rows that no other projector holds. (The outbox
 /// statements begin with their first word: tests find a blocked batch by its query's start.)
 const TAKE: &str = "DELETE FROM projection_outbox WHERE id IN (
@@ -207,11 +207,11 @@ const CLEAR_APPLIED: &str = "DELETE FROM projection_outbox WHERE id IN (
      WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
        FOR UPDATE OF o SKIP LOCKED)";
 
-/// A batch's settings and its two outbox statements (`TAKE`, `CLEAR_APPLIED`), for tests
-/// that check how a batch plans them.
+/// A batch's settings, its lock of the checkpoints and its two outbox statements
+/// (`TAKE`, `CLEAR_APPLIED`), for tests that check how a batch plans and locks.
 #[doc(hidden)]
-pub fn batch_statements() -> [&'static str; 3] {
-    [BATCH_SETTINGS, TAKE, CLEAR_APPLIED]
+pub fn batch_statements() -> [&'static str; 4] {
+    [BATCH_SETTINGS, LOCK_CHECKPOINTS, TAKE, CLEAR_APPLIED]
 }
 
 /// The highest sequence of each account among `pairs` of (account, sequence).

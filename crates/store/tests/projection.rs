@@ -291,3 +291,57 @@ async fn a_backlog_longer_than_a_batch_is_applied_and_cleared_by_one_batch() {
     );
     assert_projection_matches_journal(&env).await;
 }
+
+/// A batch's one statement on `users` creates the checkpoints its accounts lack and locks
+/// every checkpoint of the batch, old and new, until it ends: another projector can neither
+/// lock an existing one (so never applies the same events at the same time) nor create a
+/// new one twice; and it changes nothing in an existing row.
+#[tokio::test]
+async fn a_batch_locks_the_checkpoints_of_its_accounts_old_and_new() {
+    let env = env().await;
+    populate(&env, 1, 2).await;
+    env.projector.drain().await.unwrap();
+    let before = dump(&*env.test.client().await).await;
+    let [_, lock, _, _] = projector::batch_statements();
+
+    let mut batch = env.test.client().await;
+    let tx = batch.transaction().await.unwrap();
+    let accounts = vec!["user-000", "user-new"];
+    assert_eq!(tx.execute(lock, &[&accounts]).await.unwrap(), 1);
+
+    let other = env.test.client().await;
+    other
+        .batch_execute("SET lock_timeout = '200ms'")
+        .await
+        .unwrap();
+    for (sql, account) in [
+        ("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", "user-000"),
+        (
+            "INSERT INTO users (id) VALUES ($1) ON CONFLICT DO NOTHING",
+            "user-new",
+        ),
+    ] {
+        let held = other.execute(sql, &[&account]).await.unwrap_err();
+        assert_eq!(
+            held.code(),
+            Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE),
+            "{account}: {held}"
+        );
+    }
+    tx.commit().await.unwrap();
+    other
+        .execute(
+            "SELECT 1 FROM users WHERE id = 'user-000' FOR UPDATE NOWAIT",
+            &[],
+        )
+        .await
+        .unwrap();
+    // The new checkpoint is there (at sequence 0); every other row is as it was.
+    let mut after = dump(&other).await;
+    let new = after
+        .iter()
+        .position(|r| r.contains("\"user-new\""))
+        .unwrap();
+    assert!(after.remove(new).contains("\"last_sequence\": 0"));
+    assert_eq!(after, before);
+}
