@@ -99,6 +99,9 @@ async fn kill_projector_blocked_on(env: &Env, lock_sql: &str, blocked_on: &str) 
     let batch = tokio::spawn(async move { victim.run_batch(None).await });
 
     let admin = env.test.client().await;
+    // A batch that blocks elsewhere (its statements' text changed, say) fails the test
+    // rather than hanging it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let pid: i32 = loop {
         let row = admin
             .query_opt(
@@ -113,6 +116,10 @@ async fn kill_projector_blocked_on(env: &Env, lock_sql: &str, blocked_on: &str) 
             break row.get(0);
         }
         assert!(!batch.is_finished(), "the batch did not block");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no projector backend waits on a lock in a statement starting with {blocked_on:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let killed: bool = admin
