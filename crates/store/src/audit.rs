@@ -198,7 +198,7 @@ pub async fn run_against(
 pub type SharedProgress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Runs the whole audit (against `checkpoint`, when given) on a thread of its own, over a
-/// connection of its own to `url`: what the audit CLI, the admin endpoint and the benchmark
+/// connection of its own to `url`: what the audit CLI, both admin audit endpoints and the benchmark
 /// run.
 ///
 /// Why a thread of its own: tokio-postgres's connection task hands the `COPY` messages to
