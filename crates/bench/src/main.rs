@@ -31,6 +31,11 @@ struct Args {
     /// Seconds each timed run lasts.
     #[arg(long, default_value_t = 8)]
     seconds: u64,
+    /// Seconds of the same workload run untimed before each timed run, on both sides
+    /// (ledger and plain SQL): the executor holds the accounts' states and PostgreSQL's
+    /// caches are warm, as in a service that has been running (0: none).
+    #[arg(long, default_value_t = 2)]
+    warmup_seconds: u64,
     /// Accounts of the spread scenario.
     #[arg(long, default_value_t = 10_000)]
     accounts: usize,
@@ -99,8 +104,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     println!(
-        "ledger-bench: {} s per run, {} spread accounts, workers {:?}, {} cpus{}",
+        "ledger-bench: {} s per run after {} s of warm-up, {} spread accounts, workers {:?}, {} cpus{}",
         args.seconds,
+        args.warmup_seconds,
         args.accounts,
         args.workers,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -273,6 +279,7 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
     };
     let sampler = deductions::LagSampler::start(database.read.clone());
     let duration = Duration::from_secs(args.seconds);
+    let warmup = Duration::from_secs(args.warmup_seconds);
     let mut rows = Vec::new();
     print_header();
     let scenarios = [Scenario::Spread, Scenario::Hot]
@@ -280,8 +287,26 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
         .filter(|s| args.scenarios.iter().any(|name| name == s.name()));
     for scenario in scenarios {
         for &workers in &args.workers {
-            sampler.take();
             let tag = format!("{}{workers}r{}", scenario.name(), rows.len());
+            if !warmup.is_zero() {
+                // The same workload, untimed: the executor keeps the accounts' states as a
+                // service in use would, and the timed run starts with the projector caught up.
+                deductions::ledger_run(
+                    ledger.clone(),
+                    accounts.clone(),
+                    scenario,
+                    workers,
+                    warmup,
+                    &format!("{tag}w"),
+                )
+                .await?;
+                if args.defer_projection {
+                    projector.drain().await?;
+                } else {
+                    deductions::wait_for_projection(&database.read).await?;
+                }
+            }
+            sampler.take();
             let ledger_run = deductions::ledger_run(
                 ledger.clone(),
                 accounts.clone(),
@@ -299,6 +324,16 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
                 deductions::wait_for_projection(&database.read).await?
             };
             let lag = sampler.take();
+            if !warmup.is_zero() {
+                deductions::plain_run(
+                    plain_pool.clone(),
+                    accounts.clone(),
+                    scenario,
+                    workers,
+                    warmup,
+                )
+                .await?;
+            }
             let plain = deductions::plain_run(
                 plain_pool.clone(),
                 accounts.clone(),

@@ -46,6 +46,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0009_journal_text",
         include_str!("../../../migrations/0009_journal_text.sql"),
     ),
+    (
+        "0010_lighter_projection_writes",
+        include_str!("../../../migrations/0010_lighter_projection_writes.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

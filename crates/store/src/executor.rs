@@ -977,13 +977,15 @@ VALUES ($1, $2, $3, $4, $5::jsonb)
 /// a fixed order so that concurrent writers lock keys in the same order), through the
 /// journal's insert trigger (hash chain and outbox, row by row as for single inserts); and
 /// the statement's fence (migrations/0007_append_fences.sql), which tells after a broken
-/// connection whether it committed.
+/// connection whether it committed. Payloads are parsed as `jsonb` (checked, keys in
+/// canonical order) and stored as its text by `to_json`, which prints the `jsonb` without
+/// parsing the text again (a `::json` cast would: `json`'s input validates).
 const APPEND: &str = "
 WITH appended AS (
     INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                         payload, metadata)
     SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
-           e.payload::jsonb::json, e.metadata::jsonb::json
+           to_json(e.payload::jsonb), to_json(e.metadata::jsonb)
       FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
            WITH ORDINALITY AS e(aggregate_id, sequence, event_type, event_version, payload,
                                 metadata, n)

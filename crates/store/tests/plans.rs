@@ -126,3 +126,60 @@ async fn a_batch_deletes_outbox_rows_by_index_whatever_the_statistics_say() {
         );
     }
 }
+
+#[tokio::test]
+async fn charged_tasks_stay_out_of_the_provider_index_and_a_lookup_by_provider_id_uses_it() {
+    let env = env().await;
+    let client = env.test.db.read.get().await.unwrap();
+    // A thousand tasks as the projector writes a charge: no provider id yet.
+    client
+        .batch_execute(
+            "INSERT INTO video_tasks (id, user_id, model, prompt, aspect_ratio, duration, size,
+                                      status, credits_charged, created_at)
+             SELECT 'vid_' || g, 'acct', 'sora-2', 'a cat', '9:16', 10, 'small', 'pending', 10,
+                    now()
+               FROM generate_series(1, 1000) g;",
+        )
+        .await
+        .unwrap();
+    let size: i64 = client
+        .query_one("SELECT pg_relation_size('video_tasks_provider')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Its metapage alone: no entry was written for the charged tasks' missing provider ids.
+    assert_eq!(
+        size, 8192,
+        "the provider index grew with tasks that have no provider id"
+    );
+
+    client
+        .batch_execute(
+            "UPDATE video_tasks SET provider_task_id = 'prov-7', status = 'processing'
+              WHERE id = 'vid_7';
+             ANALYZE video_tasks;",
+        )
+        .await
+        .unwrap();
+    let found: String = client
+        .query_one(
+            "SELECT id FROM video_tasks WHERE provider_task_id = $1",
+            &[&"prov-7"],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(found, "vid_7");
+    let row = client
+        .query_one(
+            "EXPLAIN (FORMAT JSON) SELECT id FROM video_tasks WHERE provider_task_id = 'prov-7'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let plan: serde_json::Value = row.get(0);
+    assert_eq!(
+        plan[0]["Plan"]["Index Name"], "video_tasks_provider",
+        "a lookup by provider id does not use the provider index: {plan:#}"
+    );
+}
