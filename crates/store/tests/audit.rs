@@ -163,6 +163,38 @@ async fn edited_event_amount_is_found() {
 }
 
 #[tokio::test]
+async fn a_stored_hash_cut_short_is_found_and_the_chain_goes_on_from_it() {
+    let env = projected_env().await;
+    // A hash of another length than SHA-256's: the replay goes on from the stored hash as it
+    // is, so the next event is checked against exactly what is stored.
+    let sequence: i64 = env
+        .test
+        .tamper(
+            "UPDATE events SET hash = substring(hash FROM 1 FOR 5)
+              WHERE aggregate_id = 'user-002' AND payload->'CreditsDeducted'->>'task_id' = 'user-002-t2'
+              RETURNING sequence",
+        )
+        .await[0]
+        .get(0);
+    let report = env.audit().await;
+    assert!(!report.ok);
+    let found = find(&report, "hash_mismatch");
+    let sequences: Vec<Option<i64>> = found.iter().map(|d| d.sequence).collect();
+    // That event's hash is not its content's, and the next event's link is not that hash.
+    assert_eq!(
+        sequences,
+        [Some(sequence), Some(sequence + 1)],
+        "{:#?}",
+        report.discrepancies
+    );
+    assert!(found
+        .iter()
+        .all(|d| d.account.as_deref() == Some("user-002")));
+    let heads = &report.heads.heads["user-002"];
+    assert_eq!(heads.hash.len(), 32, "the head is the last event's, untouched");
+}
+
+#[tokio::test]
 async fn deleted_event_in_the_middle_of_a_history_is_found() {
     let env = projected_env().await;
     let (_, last) = env.ledger.load(&user("user-005")).await.unwrap();
