@@ -191,7 +191,11 @@ async fn a_stored_hash_cut_short_is_found_and_the_chain_goes_on_from_it() {
         .iter()
         .all(|d| d.account.as_deref() == Some("user-002")));
     let heads = &report.heads.heads["user-002"];
-    assert_eq!(heads.hash.len(), 32, "the head is the last event's, untouched");
+    assert_eq!(
+        heads.hash.len(),
+        32,
+        "the head is the last event's, untouched"
+    );
 }
 
 #[tokio::test]
