@@ -280,6 +280,17 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
     let sampler = deductions::LagSampler::start(database.read.clone());
     let duration = Duration::from_secs(args.seconds);
     let warmup = Duration::from_secs(args.warmup_seconds);
+    // Until the projector has applied everything (drained here when it is deferred); how
+    // long that took.
+    let caught_up = async || -> anyhow::Result<Duration> {
+        if args.defer_projection {
+            let started = Instant::now();
+            projector.drain().await?;
+            Ok(started.elapsed())
+        } else {
+            deductions::wait_for_projection(&database.read).await
+        }
+    };
     let mut rows = Vec::new();
     print_header();
     let scenarios = [Scenario::Spread, Scenario::Hot]
@@ -300,11 +311,7 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
                     &format!("{tag}w"),
                 )
                 .await?;
-                if args.defer_projection {
-                    projector.drain().await?;
-                } else {
-                    deductions::wait_for_projection(&database.read).await?;
-                }
+                caught_up().await?;
             }
             sampler.take();
             let ledger_run = deductions::ledger_run(
@@ -316,13 +323,7 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
                 &tag,
             )
             .await?;
-            let catch_up = if args.defer_projection {
-                let started = Instant::now();
-                projector.drain().await?;
-                started.elapsed()
-            } else {
-                deductions::wait_for_projection(&database.read).await?
-            };
+            let catch_up = caught_up().await?;
             let lag = sampler.take();
             if !warmup.is_zero() {
                 deductions::plain_run(
