@@ -139,12 +139,34 @@ impl Projector {
 
         // Sent together (pipelined), run in order: create the missing checkpoints and lock
         // them all, in a fixed order (two projectors never deadlock); read the events past
-        // them.
-        let (_, rows) = futures::try_join!(
-            execute(&tx, LOCK_CHECKPOINTS, by_account),
-            query(&tx, EVENTS_PAST_CHECKPOINTS, events_of)
+        // them. Both are prepared before either is sent, so the read can never reach the
+        // server ahead of the lock (as it would if only the read were cached).
+        let (lock, read) = futures::try_join!(
+            tx.prepare_cached(LOCK_CHECKPOINTS),
+            tx.prepare_cached(EVENTS_PAST_CHECKPOINTS)
         )?;
-        let rows = decode_rows(rows)?;
+        let (_, rows) =
+            futures::try_join!(tx.execute(&lock, by_account), tx.query(&read, events_of))?;
+        let (checkpoints, rows) = decode_rows(rows)?;
+        // Every row taken is an event committed before the batch began, so after the read
+        // each account is at or past it: through its checkpoint (another projector, or a
+        // reader catching up, applied it) or through the events read. Anything else would
+        // delete outbox rows whose events were never applied, a silent hole in the read
+        // tables until a rebuild; the batch is rolled back instead, and retried.
+        let read_to = highest_sequences(rows.iter().map(|r| (r.account.as_str(), r.sequence)));
+        for (account, taken) in &taken {
+            let checkpoint = checkpoints.get(*account).with_context(|| {
+                format!("projection batch: the checkpoint of {account} is not visible")
+            })?;
+            let reached = read_to
+                .get(account)
+                .map_or(*checkpoint, |r| (*r).max(*checkpoint));
+            anyhow::ensure!(
+                reached >= *taken,
+                "projection batch: {account} has an outbox row for event {taken}, but its \
+                 checkpoint is {checkpoint} and no event past it could be read"
+            );
+        }
         let applied = rows.len() as u64;
 
         apply_rows(&tx, &rows).await?;
@@ -155,8 +177,7 @@ impl Projector {
         // (a lookup per account of the batch was an eighth of the projector's time). Rows
         // another projector holds are skipped, they are its work. One missed here is no harm:
         // a later batch finds nothing past the checkpoint for it and deletes it.
-        let applied_to = highest_sequences(rows.iter().map(|r| (r.account.as_str(), r.sequence)));
-        let beyond: Vec<&str> = applied_to
+        let beyond: Vec<&str> = read_to
             .into_iter()
             .filter(|(account, last)| taken.get(account).is_none_or(|t| last > t))
             .map(|(account, _)| account)
@@ -224,22 +245,25 @@ fn highest_sequences<'a>(pairs: impl IntoIterator<Item = (&'a str, i64)>) -> Has
     highest
 }
 
-/// The events of the accounts `$1` past their checkpoints, by account then sequence. Per
-/// account (LATERAL), so that the read is a range of the journal's primary key from the
-/// checkpoint on: a join on the checkpoint let PostgreSQL scan every event of the account
-/// (a parallel sequential scan of the journal, 245 ms, for an account with 333,000 events in
+/// The checkpoints of the accounts `$1` and the events past them, by account then sequence:
+/// one row per event, and a row with no event (`sequence` null) for an account that has
+/// none past its checkpoint, so that every account's checkpoint is read. Per account
+/// (LATERAL), so that the read is a range of the journal's primary key from the checkpoint
+/// on: a join on the checkpoint let PostgreSQL scan every event of the account (a parallel
+/// sequential scan of the journal, 245 ms, for an account with 333,000 events in
 /// `ledger-bench`'s long-history part), so that projection cost grew with history.
 const EVENTS_PAST_CHECKPOINTS: &str = "
-SELECT e.aggregate_id, e.sequence, e.payload, e.recorded_at
+SELECT u.id AS aggregate_id, u.last_sequence AS checkpoint, e.sequence, e.payload,
+       e.recorded_at
   FROM users u
- CROSS JOIN LATERAL (
-        SELECT e.aggregate_id, e.sequence, e.payload, e.recorded_at
+  LEFT JOIN LATERAL (
+        SELECT e.sequence, e.payload, e.recorded_at
           FROM events e
          WHERE e.aggregate_type = $2 AND e.aggregate_id = u.id
            AND e.sequence > u.last_sequence
-         ORDER BY e.sequence) e
+         ORDER BY e.sequence) e ON true
  WHERE u.id = ANY($1)
- ORDER BY e.aggregate_id, e.sequence";
+ ORDER BY u.id, e.sequence";
 
 /// Brings one account's read tables up to its journal, on a connection the caller holds (the
 /// reader's own: a read costs one connection, and with none free it fails before anything is
@@ -272,14 +296,19 @@ pub async fn catch_up(
     )
     .await?;
     let accounts: &[&str] = &[account];
-    let lock: &[&(dyn ToSql + Sync)] = &[&account];
-    let read: &[&(dyn ToSql + Sync)] = &[&accounts, &CreditAccount::TYPE];
+    let (lock, read) = futures::try_join!(
+        tx.prepare_cached("SELECT 1 FROM users WHERE id = $1 FOR UPDATE"),
+        tx.prepare_cached(EVENTS_PAST_CHECKPOINTS)
+    )?;
+    // Prepared first, then sent together and run in order (as in a batch).
+    let lock_params: &[&(dyn ToSql + Sync)] = &[&account];
+    let read_params: &[&(dyn ToSql + Sync)] = &[&accounts, &CreditAccount::TYPE];
     let (_, _, rows) = futures::try_join!(
         tx.batch_execute("SET LOCAL jit = off"),
-        tx.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", lock),
-        tx.query(EVENTS_PAST_CHECKPOINTS, read),
+        tx.execute(&lock, lock_params),
+        tx.query(&read, read_params),
     )?;
-    let rows = decode_rows(rows)?;
+    let (_, rows) = decode_rows(rows)?;
     if rows.is_empty() {
         return Ok(0);
     }
@@ -299,7 +328,10 @@ pub async fn catch_up(
 }
 
 /// Runs a statement through the connection's statement cache (parsed once per connection).
-/// Several of these in one `try_join!` are sent together (pipelined) and run in order.
+/// Several of these in one `try_join!` are sent together (pipelined) and run in the order
+/// they reach the server, which is the order of the `try_join!` only when every one is
+/// already cached: one not yet prepared is sent after its preparation's round trip, behind
+/// a cached one joined after it. Where the order matters, prepare all of them first.
 async fn execute(
     tx: &Transaction<'_>,
     sql: &str,
@@ -318,20 +350,28 @@ async fn query(
     tx.query(&statement, params).await
 }
 
-/// Journal rows (`aggregate_id, sequence, payload, recorded_at`) as events to project.
-fn decode_rows(rows: Vec<tokio_postgres::Row>) -> anyhow::Result<Vec<Row>> {
-    rows.into_iter()
-        .map(|r| {
-            let Json(event): Json<CreditEvent> = r.try_get("payload")?;
-            Ok(Row {
-                account: r.try_get("aggregate_id")?,
-                sequence: r.try_get("sequence")?,
-                event,
-                recorded_at: r.try_get("recorded_at")?,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()
-        .context("decoding journal events")
+/// The rows of `EVENTS_PAST_CHECKPOINTS` as each account's checkpoint and the events to
+/// project.
+fn decode_rows(rows: Vec<tokio_postgres::Row>) -> anyhow::Result<(HashMap<String, i64>, Vec<Row>)> {
+    let mut checkpoints = HashMap::new();
+    let mut events = Vec::with_capacity(rows.len());
+    for r in rows {
+        let account: String = r.try_get("aggregate_id")?;
+        checkpoints.insert(account.clone(), r.try_get("checkpoint")?);
+        let Some(sequence) = r.try_get::<_, Option<i64>>("sequence")? else {
+            continue;
+        };
+        let Json(event): Json<CreditEvent> = r
+            .try_get("payload")
+            .with_context(|| format!("decoding event {sequence} of {account}"))?;
+        events.push(Row {
+            account,
+            sequence,
+            event,
+            recorded_at: r.try_get("recorded_at")?,
+        });
+    }
+    Ok((checkpoints, events))
 }
 
 /// Checkpoint and balance of one account after a batch.

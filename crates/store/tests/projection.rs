@@ -352,3 +352,42 @@ async fn a_batch_locks_the_checkpoints_of_its_accounts_old_and_new() {
     assert!(after.remove(new).contains("\"last_sequence\": 0"));
     assert_eq!(after, before);
 }
+
+/// A batch never deletes an outbox row whose event it did not apply. Every row taken is an
+/// event committed before the batch, so the batch's read must reach it (or find the
+/// checkpoint already past it); when it does not (here, a row for an event the journal does
+/// not hold), the batch fails and rolls back, leaving the rows and the read tables as they
+/// were, instead of committing a hole in the read tables that only a rebuild would mend.
+/// Fails if a batch commits whatever its read returned.
+#[tokio::test]
+async fn a_batch_that_cannot_read_an_event_it_took_deletes_nothing() {
+    let env = env().await;
+    populate(&env, 2, 1).await;
+    let client = env.test.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO projection_outbox (aggregate_id, sequence) VALUES ('user-001', 99)",
+        )
+        .await
+        .unwrap();
+    let pending = count(&client, "SELECT count(*) FROM projection_outbox").await;
+
+    let error = fresh_projector(&env).run_batch(None).await.unwrap_err();
+    assert!(
+        format!("{error:#}").contains("user-001 has an outbox row for event 99"),
+        "{error:#}"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_outbox").await,
+        pending
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM users").await, 0);
+
+    // Once the stray row is gone, the same batch applies everything.
+    client
+        .batch_execute("DELETE FROM projection_outbox WHERE sequence = 99")
+        .await
+        .unwrap();
+    fresh_projector(&env).drain().await.unwrap();
+    assert_projection_matches_journal(&env).await;
+}
