@@ -50,6 +50,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0010_lighter_projection_writes",
         include_str!("../../../migrations/0010_lighter_projection_writes.sql"),
     ),
+    (
+        "0011_outbox_per_statement",
+        include_str!("../../../migrations/0011_outbox_per_statement.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

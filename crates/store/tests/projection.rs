@@ -391,3 +391,44 @@ async fn a_batch_that_cannot_read_an_event_it_took_deletes_nothing() {
     fresh_projector(&env).drain().await.unwrap();
     assert_projection_matches_journal(&env).await;
 }
+
+/// Every insert into the journal, by whoever, leaves one outbox row per event in the order
+/// of the events' `position` (migration 0011 writes them once per statement, from its
+/// transition table), and a statement that fails leaves none.
+#[tokio::test]
+async fn each_appended_event_gets_one_outbox_row_in_append_order() {
+    let env = env().await;
+    let client = env.test.client().await;
+    let insert = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                      event_version, payload, metadata)
+                  SELECT 'CreditAccount', a, s, 'X', '1.0', '{}', '{}'
+                    FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS r(a, s, n)
+                   ORDER BY n";
+    let accounts = vec!["user-b", "user-a", "user-b", "user-c", "user-a"];
+    let sequences: Vec<i64> = vec![1, 1, 2, 1, 2];
+    client
+        .execute(insert, &[&accounts, &sequences])
+        .await
+        .unwrap();
+    // The second statement repeats user-c's first event: it fails, and writes nothing.
+    let again = vec!["user-d", "user-c"];
+    let first: Vec<i64> = vec![1, 1];
+    client.execute(insert, &[&again, &first]).await.unwrap_err();
+
+    let order = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+                .collect::<Vec<_>>()
+        }
+    };
+    let journal = order("SELECT aggregate_id, sequence FROM events ORDER BY position").await;
+    let outbox = order("SELECT aggregate_id, sequence FROM projection_outbox ORDER BY id").await;
+    assert_eq!(journal.len(), 5);
+    assert_eq!(outbox, journal);
+}
