@@ -140,7 +140,8 @@ impl Projector {
         // Sent together (pipelined), run in order: create the missing checkpoints and lock
         // them all, in a fixed order (two projectors never deadlock); read the events past
         // them. Both are prepared before either is sent, so the read can never reach the
-        // server ahead of the lock (as it would if only the read were cached).
+        // server ahead of the lock (as it would on a connection where `catch_up` has cached
+        // only the read: a_batch_locks_before_it_reads_when_only_the_read_is_cached).
         let (lock, read) = futures::try_join!(
             tx.prepare_cached(LOCK_CHECKPOINTS),
             tx.prepare_cached(EVENTS_PAST_CHECKPOINTS)
@@ -228,11 +229,18 @@ const CLEAR_APPLIED: &str = "DELETE FROM projection_outbox WHERE id IN (
      WHERE o.aggregate_id = ANY($1) AND o.sequence <= u.last_sequence
        FOR UPDATE OF o SKIP LOCKED)";
 
-/// A batch's settings, its lock of the checkpoints and its two outbox statements
-/// (`TAKE`, `CLEAR_APPLIED`), for tests that check how a batch plans and locks.
+/// A batch's settings, its lock of the checkpoints, its two outbox statements (`TAKE`,
+/// `CLEAR_APPLIED`) and its read of the events (`EVENTS_PAST_CHECKPOINTS`), for tests that
+/// check how a batch plans, locks and orders its statements.
 #[doc(hidden)]
-pub fn batch_statements() -> [&'static str; 4] {
-    [BATCH_SETTINGS, LOCK_CHECKPOINTS, TAKE, CLEAR_APPLIED]
+pub fn batch_statements() -> [&'static str; 5] {
+    [
+        BATCH_SETTINGS,
+        LOCK_CHECKPOINTS,
+        TAKE,
+        CLEAR_APPLIED,
+        EVENTS_PAST_CHECKPOINTS,
+    ]
 }
 
 /// The highest sequence of each account among `pairs` of (account, sequence).
@@ -357,7 +365,9 @@ fn decode_rows(rows: Vec<tokio_postgres::Row>) -> anyhow::Result<(HashMap<String
     let mut events = Vec::with_capacity(rows.len());
     for r in rows {
         let account: String = r.try_get("aggregate_id")?;
-        checkpoints.insert(account.clone(), r.try_get("checkpoint")?);
+        if !checkpoints.contains_key(&account) {
+            checkpoints.insert(account.clone(), r.try_get("checkpoint")?);
+        }
         let Some(sequence) = r.try_get::<_, Option<i64>>("sequence")? else {
             continue;
         };

@@ -104,7 +104,7 @@ async fn a_batch_deletes_outbox_rows_by_index_whatever_the_statistics_say() {
         )
         .await
         .unwrap();
-    let [settings, _, take, clear] = credit_store::projector::batch_statements();
+    let [settings, _, take, clear, _] = credit_store::projector::batch_statements();
     let tx = client.transaction().await.unwrap();
     tx.batch_execute(settings).await.unwrap();
     tx.batch_execute(&format!(

@@ -309,7 +309,7 @@ async fn a_batch_locks_the_checkpoints_of_its_accounts_old_and_new() {
     populate(&env, 1, 2).await;
     env.projector.drain().await.unwrap();
     let before = dump(&*env.test.client().await).await;
-    let [_, lock, _, _] = projector::batch_statements();
+    let [_, lock, _, _, _] = projector::batch_statements();
 
     let mut batch = env.test.client().await;
     let tx = batch.transaction().await.unwrap();
@@ -431,4 +431,29 @@ async fn each_appended_event_gets_one_outbox_row_in_append_order() {
     let outbox = order("SELECT aggregate_id, sequence FROM projection_outbox ORDER BY id").await;
     assert_eq!(journal.len(), 5);
     assert_eq!(outbox, journal);
+}
+
+/// A batch's lock of the checkpoints reaches the server before its read of the events,
+/// whatever its connection has cached. Here the connection has prepared only the read (as
+/// any earlier use of that one statement would leave it): were each statement prepared
+/// and sent on its own, the cached read would be sent at once and run before the lock had
+/// created the new accounts' checkpoints, and so read nothing. Fails if the batch sends a
+/// statement before both are prepared.
+#[tokio::test]
+async fn a_batch_locks_before_it_reads_when_only_the_read_is_cached() {
+    let env = env().await;
+    populate(&env, 3, 2).await;
+    // One connection, so the batch runs on the one whose cache is primed here.
+    let pool = credit_store::db::read_pool(&env.test.url, 1).unwrap();
+    let [_, _, _, _, read] = projector::batch_statements();
+    pool.get()
+        .await
+        .unwrap()
+        .prepare_cached(read)
+        .await
+        .unwrap();
+
+    let projector = Projector::new(pool, Arc::new(Notify::new()));
+    projector.run_batch(None).await.unwrap();
+    assert_projection_matches_journal(&env).await;
 }
