@@ -2,7 +2,7 @@
 //! the plain-SQL equivalent, spread over many accounts or on one hot account.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,34 @@ impl Accounts {
             Scenario::Hot => &self.hot,
         }
     }
+
+    /// The account of a client's next deduction, or `None` when the run is over.
+    fn next(&self, picks: &Picks, rng: &mut impl Rng, stop: &AtomicBool) -> Option<&str> {
+        match picks {
+            Picks::Random(scenario) => {
+                (!stop.load(Ordering::Relaxed)).then(|| self.pick(*scenario, rng))
+            }
+            Picks::EachOnce(taken) => self
+                .spread
+                .get(taken.fetch_add(1, Ordering::Relaxed))
+                .map(String::as_str),
+        }
+    }
+}
+
+/// How the clients of a run pick their accounts: at random as the scenario says, until the
+/// run's time is up; or every account of the spread scenario once, shared out among them
+/// (the warm-up sweep).
+#[derive(Clone)]
+enum Picks {
+    Random(Scenario),
+    EachOnce(Arc<AtomicUsize>),
+}
+
+impl Picks {
+    fn each_once() -> Self {
+        Self::EachOnce(Arc::new(AtomicUsize::new(0)))
+    }
 }
 
 pub const PLAIN_SCHEMA: &str = "
@@ -92,6 +120,36 @@ pub async fn ledger_run(
     duration: Duration,
     tag: &str,
 ) -> anyhow::Result<Run> {
+    ledger_clients(
+        ledger,
+        accounts,
+        Picks::Random(scenario),
+        workers,
+        Some(duration),
+        tag,
+    )
+    .await
+}
+
+/// One ledger deduction on every account of the spread scenario, by `workers` clients: the
+/// executor then holds every account's state, as a service that has been serving them does.
+pub async fn ledger_sweep(
+    ledger: Arc<Ledger>,
+    accounts: Arc<Accounts>,
+    workers: usize,
+    tag: &str,
+) -> anyhow::Result<Run> {
+    ledger_clients(ledger, accounts, Picks::each_once(), workers, None, tag).await
+}
+
+async fn ledger_clients(
+    ledger: Arc<Ledger>,
+    accounts: Arc<Accounts>,
+    picks: Picks,
+    workers: usize,
+    duration: Option<Duration>,
+    tag: &str,
+) -> anyhow::Result<Run> {
     let ids: Arc<HashMap<String, UserId>> = Arc::new(
         accounts
             .spread
@@ -104,13 +162,14 @@ pub async fn ledger_run(
         let ledger = ledger.clone();
         let accounts = accounts.clone();
         let ids = ids.clone();
+        let picks = picks.clone();
         let tag = format!("{tag}-{worker}");
         async move {
             let mut run = Run::default();
             let mut rng = rand::rngs::StdRng::from_entropy();
             let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let id = &ids[accounts.pick(scenario, &mut rng)];
+            while let Some(account) = accounts.next(&picks, &mut rng, &stop) {
+                let id = &ids[account];
                 n += 1;
                 let command = journal::deduct(format!("{tag}-{n}"));
                 let started = Instant::now();
@@ -141,12 +200,39 @@ pub async fn plain_run(
     workers: usize,
     duration: Duration,
 ) -> anyhow::Result<Run> {
+    plain_clients(
+        pool,
+        accounts,
+        Picks::Random(scenario),
+        workers,
+        Some(duration),
+    )
+    .await
+}
+
+/// The plain-SQL side of [`ledger_sweep`]: one deduction on every spread account.
+pub async fn plain_sweep(
+    pool: Pool,
+    accounts: Arc<Accounts>,
+    workers: usize,
+) -> anyhow::Result<Run> {
+    plain_clients(pool, accounts, Picks::each_once(), workers, None).await
+}
+
+async fn plain_clients(
+    pool: Pool,
+    accounts: Arc<Accounts>,
+    picks: Picks,
+    workers: usize,
+    duration: Option<Duration>,
+) -> anyhow::Result<Run> {
     let payload: serde_json::Value =
         serde_json::to_value(journal::deduct("plain".into())).context("payload")?;
     timed(workers, duration, move |_, stop| {
         let pool = pool.clone();
         let accounts = accounts.clone();
         let payload = payload.clone();
+        let picks = picks.clone();
         async move {
             let mut run = Run::default();
             let mut rng = rand::rngs::StdRng::from_entropy();
@@ -161,8 +247,8 @@ pub async fn plain_run(
                     .prepare("INSERT INTO plain_events (account, credits, payload) VALUES ($1, 10, $2)")
                     .await?;
                 let payload = tokio_postgres::types::Json(&payload);
-                while !stop.load(Ordering::Relaxed) {
-                    let id = accounts.pick(scenario, &mut rng).to_owned();
+                while let Some(account) = accounts.next(&picks, &mut rng, &stop) {
+                    let id = account.to_owned();
                     let tx = client.transaction().await?;
                     if tx.execute(&update, &[&id]).await? == 1 {
                         tx.execute(&insert, &[&id, &payload]).await?;
@@ -186,8 +272,9 @@ pub async fn plain_run(
     .await
 }
 
-/// Starts `workers` copies of `work`, stops them after `duration`, sums their runs.
-async fn timed<F, Fut>(workers: usize, duration: Duration, work: F) -> anyhow::Result<Run>
+/// Starts `workers` copies of `work`, stops them after `duration` (or lets them end by
+/// themselves), sums their runs.
+async fn timed<F, Fut>(workers: usize, duration: Option<Duration>, work: F) -> anyhow::Result<Run>
 where
     F: Fn(usize, Arc<AtomicBool>) -> Fut,
     Fut: std::future::Future<Output = Run> + Send + 'static,
@@ -197,8 +284,10 @@ where
     let handles: Vec<_> = (0..workers)
         .map(|w| tokio::spawn(work(w, stop.clone())))
         .collect();
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
+    if let Some(duration) = duration {
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::Relaxed);
+    }
     let mut total = Run::default();
     for handle in handles {
         let run = handle.await?;

@@ -8,8 +8,10 @@
 //! written after it, best effort (a snapshot is a cache: failing to write one never fails a
 //! command). Batches form by themselves: a free committer takes everything queued, so
 //! under load the queue fills while a batch commits, and a command arriving on an idle system
-//! is taken at once, without waiting for company. An account is in one batch at a time, so a
-//! hot account queues instead of conflicting.
+//! is taken at once, without waiting for company. A committer that finds the queue empty
+//! waits a moment (`KEEP_COMMITTER`) to be woken by the next command before it ends, so that
+//! commands coming one by one do not each start a task and take a connection. An account is
+//! in one batch at a time, so a hot account queues instead of conflicting.
 //!
 //! The optimistic check stays per account: the journal's primary key (account, sequence)
 //! refuses an append on an account that another process has moved past the state it was
@@ -60,6 +62,8 @@ pub const MAX_BATCH: usize = 256;
 /// Batches that may be committing at the same time (on different accounts): while one waits
 /// for its commit to be flushed, the next one's statement runs (see docs/BENCHMARKS.md).
 pub const COMMITTERS: usize = 2;
+/// How long a committer that finds nothing to take waits for more before it ends.
+pub const KEEP_COMMITTER: Duration = Duration::from_millis(100);
 const MAX_ATTEMPTS: u32 = 12;
 /// How long, after a connection broke with an append sent, the journal is read again to
 /// learn whether the append committed, before the outcome is answered as unknown.
@@ -172,8 +176,10 @@ struct Queue {
     waiting: VecDeque<Pending>,
     busy: HashSet<String>,
     idle: lru::LruCache<String, Kept>,
-    /// Committer tasks running (at most `COMMITTERS`).
+    /// Committer tasks running (at most `COMMITTERS`), the waiting ones among them.
     committers: usize,
+    /// Committers that found nothing to take and wait a moment for more (`KEEP_COMMITTER`).
+    waiting_committers: usize,
 }
 
 /// Runs commands against `CreditAccount`s stored in postgres-es's tables.
@@ -188,6 +194,8 @@ struct Inner {
     /// Appends events and snapshots to postgres-es's tables.
     pool: sqlx::PgPool,
     queue: StdMutex<Queue>,
+    /// Wakes a committer waiting for work (one that found the queue empty).
+    work: Notify,
     appended: Arc<Notify>,
     /// Appends sent by this process (for sweeping old fences).
     appends: std::sync::atomic::AtomicU64,
@@ -209,7 +217,9 @@ impl Ledger {
                         .unwrap_or(std::num::NonZeroUsize::MIN),
                 ),
                 committers: 0,
+                waiting_committers: 0,
             }),
+            work: Notify::new(),
             appended: Arc::new(Notify::new()),
             appends: std::sync::atomic::AtomicU64::new(0),
         };
@@ -471,18 +481,25 @@ impl Inner {
         }
     }
 
-    /// Queues a command, and starts a committer if one may start and none would take it.
+    /// Queues a command, and wakes a waiting committer, or starts one if one may start and
+    /// none would take it.
     fn submit(this: &Arc<Self>, pending: Pending) {
-        let start = {
+        let (wake, start) = {
             let mut queue = this.queue();
-            let start = queue.committers < COMMITTERS
+            let wake = queue.waiting_committers > 0;
+            let start = !wake
+                && queue.committers < COMMITTERS
                 && (queue.committers == 0 || !queue.busy.contains(pending.account.as_str()));
             queue.waiting.push_back(pending);
             if start {
                 queue.committers += 1;
             }
-            start
+            (wake, start)
         };
+        if wake {
+            // A permit is kept if the committer is not awaiting yet: it cannot be missed.
+            this.work.notify_one();
+        }
         if start {
             tokio::spawn(Committer::new(this.clone()).run());
         }
@@ -1431,6 +1448,8 @@ struct Committer {
     held: Held,
     /// Counted out of `Queue::committers` already.
     done: bool,
+    /// Counted in `Queue::waiting_committers`.
+    waiting: bool,
 }
 
 impl Committer {
@@ -1440,27 +1459,56 @@ impl Committer {
             groups: Vec::new(),
             held: None,
             done: false,
+            waiting: false,
         }
     }
 
     async fn run(mut self) {
+        // Whether this committer waited for work since it last took a batch, and for how
+        // long it may still wait.
+        let mut waited: Option<tokio::time::Instant> = None;
         loop {
             if !self.groups.is_empty() {
                 // The callers just answered run before the next take, so that their next
                 // commands join it (no timer: with nothing else to run this returns at once).
                 tokio::task::yield_now().await;
             }
-            {
+            let wait_until = {
                 let mut queue = self.inner.queue();
                 queue.release(std::mem::take(&mut self.groups), true);
                 self.groups = queue.take();
                 if self.groups.is_empty() {
-                    // In the same critical section as the empty take: a command queued
-                    // after it sees one committer fewer and starts one.
-                    queue.committers -= 1;
-                    self.done = true;
-                    return;
+                    let until =
+                        *waited.get_or_insert_with(|| tokio::time::Instant::now() + KEEP_COMMITTER);
+                    if tokio::time::Instant::now() >= until {
+                        // In the same critical section as the empty take: a command queued
+                        // after it sees one committer fewer and starts one.
+                        queue.committers -= 1;
+                        self.done = true;
+                        return;
+                    }
+                    queue.waiting_committers += 1;
+                    self.waiting = true;
+                    Some(until)
+                } else {
+                    waited = None;
+                    None
                 }
+            };
+            if let Some(until) = wait_until {
+                // Nothing to take: wait a moment for the next command, keeping the task and
+                // its connection, rather than end and have the next command start a task,
+                // take a connection from the pool and (sqlx pings every connection given
+                // back) pay a round trip for the one given back. A command that comes is
+                // taken at once: nothing waits for this timer but the idle committer.
+                if self.inner.pool.num_idle() == 0 {
+                    // A small pool: others may need the connection more.
+                    self.held = None;
+                }
+                let _ = tokio::time::timeout_at(until, self.inner.work.notified()).await;
+                self.inner.queue().waiting_committers -= 1;
+                self.waiting = false;
+                continue;
             }
             let inner = self.inner.clone();
             inner.run_batch(&mut self.groups, &mut self.held).await;
@@ -1485,6 +1533,9 @@ impl Drop for Committer {
         let runtime = tokio::runtime::Handle::try_current().ok();
         let restart = {
             let mut queue = self.inner.queue();
+            if self.waiting {
+                queue.waiting_committers -= 1;
+            }
             queue.release(std::mem::take(&mut self.groups), false);
             let restart = runtime.is_some() && !queue.waiting.is_empty();
             if !restart {

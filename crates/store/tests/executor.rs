@@ -569,3 +569,28 @@ async fn snapshots_written_by_shared_batches_load_back() {
         .unwrap();
     assert_eq!((done.balance, done.sequence), (100 + 500 - 10, 503));
 }
+
+/// A committer that finds nothing to take waits a moment for more (keeping its task and its
+/// connection) before it ends; a command sent while it waits is taken at once, not when the
+/// wait runs out. Commands sent one after another, each 5 ms after the last was answered,
+/// always find a committer waiting: if it were not woken, each would wait out most of the
+/// `KEEP_COMMITTER` wait, and ten of them would take most of a second.
+#[tokio::test]
+async fn a_command_sent_while_a_committer_waits_is_taken_at_once() {
+    let env = env().await;
+    let accounts = funded(&env, "waiting", 10).await;
+    let started = std::time::Instant::now();
+    for account in &accounts {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        env.run(account, deduct(&format!("{account}-t1")))
+            .await
+            .unwrap();
+    }
+    let elapsed = started.elapsed();
+    let bound = credit_store::executor::KEEP_COMMITTER * 10 / 3;
+    assert!(
+        elapsed < bound,
+        "10 commands one after another took {elapsed:?} (a committer left waiting would take ~{:?})",
+        credit_store::executor::KEEP_COMMITTER * 10
+    );
+}
