@@ -75,7 +75,7 @@ impl Accounts {
     /// The account of a client's next deduction, or `None` when the run is over.
     fn next(&self, picks: &Picks, rng: &mut impl Rng, stop: &AtomicBool) -> Option<&str> {
         match picks {
-            Picks::Random(scenario) => {
+            Picks::For(scenario, _) => {
                 (!stop.load(Ordering::Relaxed)).then(|| self.pick(*scenario, rng))
             }
             Picks::EachOnce(taken) => self
@@ -86,18 +86,27 @@ impl Accounts {
     }
 }
 
-/// How the clients of a run pick their accounts: at random as the scenario says, until the
-/// run's time is up; or every account of the spread scenario once, shared out among them
-/// (the warm-up sweep).
+/// How the clients of a run pick their accounts: at random as the scenario says, for a time;
+/// or every account of the spread scenario once, shared out among them (the warm-up sweep:
+/// the executor then holds every account's state, as a service that has been serving them
+/// does, and PostgreSQL has touched every balance row).
 #[derive(Clone)]
-enum Picks {
-    Random(Scenario),
+pub enum Picks {
+    For(Scenario, Duration),
     EachOnce(Arc<AtomicUsize>),
 }
 
 impl Picks {
-    fn each_once() -> Self {
+    pub fn each_once() -> Self {
         Self::EachOnce(Arc::new(AtomicUsize::new(0)))
+    }
+
+    /// How long the run lasts, if its clients do not end by themselves.
+    fn duration(&self) -> Option<Duration> {
+        match self {
+            Self::For(_, duration) => Some(*duration),
+            Self::EachOnce(_) => None,
+        }
     }
 }
 
@@ -111,43 +120,12 @@ pub const PLAIN_SCHEMA: &str = "
         recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
     );";
 
-/// Runs `workers` ledger clients for `duration`.
+/// Runs `workers` ledger clients, picking accounts as `picks` says.
 pub async fn ledger_run(
-    ledger: Arc<Ledger>,
-    accounts: Arc<Accounts>,
-    scenario: Scenario,
-    workers: usize,
-    duration: Duration,
-    tag: &str,
-) -> anyhow::Result<Run> {
-    ledger_clients(
-        ledger,
-        accounts,
-        Picks::Random(scenario),
-        workers,
-        Some(duration),
-        tag,
-    )
-    .await
-}
-
-/// One ledger deduction on every account of the spread scenario, by `workers` clients: the
-/// executor then holds every account's state, as a service that has been serving them does.
-pub async fn ledger_sweep(
-    ledger: Arc<Ledger>,
-    accounts: Arc<Accounts>,
-    workers: usize,
-    tag: &str,
-) -> anyhow::Result<Run> {
-    ledger_clients(ledger, accounts, Picks::each_once(), workers, None, tag).await
-}
-
-async fn ledger_clients(
     ledger: Arc<Ledger>,
     accounts: Arc<Accounts>,
     picks: Picks,
     workers: usize,
-    duration: Option<Duration>,
     tag: &str,
 ) -> anyhow::Result<Run> {
     let ids: Arc<HashMap<String, UserId>> = Arc::new(
@@ -158,7 +136,7 @@ async fn ledger_clients(
             .map(|id| Ok((id.clone(), UserId::parse(id)?)))
             .collect::<anyhow::Result<_>>()?,
     );
-    timed(workers, duration, move |worker, stop| {
+    timed(workers, picks.duration(), move |worker, stop| {
         let ledger = ledger.clone();
         let accounts = accounts.clone();
         let ids = ids.clone();
@@ -191,44 +169,17 @@ async fn ledger_clients(
     .await
 }
 
-/// Runs `workers` plain-SQL clients for `duration`: one transaction per deduction, a
-/// guarded `UPDATE` of the balance row plus an `INSERT` of an event row.
+/// Runs `workers` plain-SQL clients picking accounts as `picks` says: one transaction per
+/// deduction, a guarded `UPDATE` of the balance row plus an `INSERT` of an event row.
 pub async fn plain_run(
-    pool: Pool,
-    accounts: Arc<Accounts>,
-    scenario: Scenario,
-    workers: usize,
-    duration: Duration,
-) -> anyhow::Result<Run> {
-    plain_clients(
-        pool,
-        accounts,
-        Picks::Random(scenario),
-        workers,
-        Some(duration),
-    )
-    .await
-}
-
-/// The plain-SQL side of [`ledger_sweep`]: one deduction on every spread account.
-pub async fn plain_sweep(
-    pool: Pool,
-    accounts: Arc<Accounts>,
-    workers: usize,
-) -> anyhow::Result<Run> {
-    plain_clients(pool, accounts, Picks::each_once(), workers, None).await
-}
-
-async fn plain_clients(
     pool: Pool,
     accounts: Arc<Accounts>,
     picks: Picks,
     workers: usize,
-    duration: Option<Duration>,
 ) -> anyhow::Result<Run> {
     let payload: serde_json::Value =
         serde_json::to_value(journal::deduct("plain".into())).context("payload")?;
-    timed(workers, duration, move |_, stop| {
+    timed(workers, picks.duration(), move |_, stop| {
         let pool = pool.clone();
         let accounts = accounts.clone();
         let payload = payload.clone();

@@ -183,9 +183,8 @@ pub async fn run(
                 let run = deductions::ledger_run(
                     ledger.clone(),
                     accounts,
-                    Scenario::Hot,
+                    deductions::Picks::For(Scenario::Hot, duration),
                     w,
-                    duration,
                     &tag,
                 )
                 .await?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use credit_store::{db, Database, DbConfig, Ledger, Projector};
-use deductions::{Accounts, LagPeak, Run, Scenario};
+use deductions::{Accounts, LagPeak, Picks, Run, Scenario};
 
 #[derive(Debug, Parser)]
 #[command(name = "ledger-bench")]
@@ -298,12 +298,22 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
         // a few seconds at one worker reaches only a fifth of 10,000 accounts, and the
         // spread × 1 run then timed a cold load for over half of its deductions.)
         let started = Instant::now();
-        let swept =
-            deductions::ledger_sweep(ledger.clone(), accounts.clone(), max_workers, "sweep")
-                .await?;
+        let swept = deductions::ledger_run(
+            ledger.clone(),
+            accounts.clone(),
+            Picks::each_once(),
+            max_workers,
+            "sweep",
+        )
+        .await?;
         caught_up().await?;
-        let plain =
-            deductions::plain_sweep(plain_pool.clone(), accounts.clone(), max_workers).await?;
+        let plain = deductions::plain_run(
+            plain_pool.clone(),
+            accounts.clone(),
+            Picks::each_once(),
+            max_workers,
+        )
+        .await?;
         anyhow::ensure!(
             swept.failed == 0 && plain.failed == 0,
             "warm-up sweep failed: {:?} {:?}",
@@ -330,9 +340,8 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
                 deductions::ledger_run(
                     ledger.clone(),
                     accounts.clone(),
-                    scenario,
+                    Picks::For(scenario, warmup),
                     workers,
-                    warmup,
                     &format!("{tag}w"),
                 )
                 .await?;
@@ -342,9 +351,8 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
             let ledger_run = deductions::ledger_run(
                 ledger.clone(),
                 accounts.clone(),
-                scenario,
+                Picks::For(scenario, duration),
                 workers,
-                duration,
                 &tag,
             )
             .await?;
@@ -354,18 +362,16 @@ async fn deductions(args: &Args, url: &str) -> anyhow::Result<Vec<Row>> {
                 deductions::plain_run(
                     plain_pool.clone(),
                     accounts.clone(),
-                    scenario,
+                    Picks::For(scenario, warmup),
                     workers,
-                    warmup,
                 )
                 .await?;
             }
             let plain = deductions::plain_run(
                 plain_pool.clone(),
                 accounts.clone(),
-                scenario,
+                Picks::For(scenario, duration),
                 workers,
-                duration,
             )
             .await?;
             let row = Row {

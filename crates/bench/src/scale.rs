@@ -65,9 +65,8 @@ pub async fn measure(
     let run = deductions::ledger_run(
         ledger,
         ids,
-        Scenario::Spread,
+        deductions::Picks::For(Scenario::Spread, duration),
         workers,
-        duration,
         &format!("scale{}", std::process::id()),
     )
     .await?;
