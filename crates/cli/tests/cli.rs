@@ -922,7 +922,7 @@ async fn an_export_is_verified_independently_against_a_signed_checkpoint() {
             let p = v["payload"]
                 .as_str()
                 .unwrap()
-                .replace("\"credits\": 10", "\"credits\": 1");
+                .replace("\"credits\":10", "\"credits\":1");
             v["payload"] = p.into();
         }
         true

@@ -16,7 +16,6 @@
 //! thread that hashes and parses while the server produces the next rows.
 
 use std::collections::HashMap as StdHashMap;
-use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -25,7 +24,6 @@ use chrono::{DateTime, Utc};
 use credit_domain::CreditEvent;
 use futures::{pin_mut, TryStreamExt};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 use crate::checkpoint::{Checkpoint, Head, HeadCheck};
@@ -493,39 +491,19 @@ impl<'a> JournalRow<'a> {
         })
     }
 
-    /// SHA-256(prev || canonical), the canonical text as `event_canonical` in
-    /// migrations/0001_journal.sql builds it, hashed part by part without building it.
+    /// This row's link of its account's hash chain, after `prev`.
     fn chain_hash(&self, prev: &[u8]) -> [u8; 32] {
-        let mut digits = [0u8; 20];
-        let sequence = decimal(self.sequence, &mut digits);
-        let mut hasher = Sha256::new();
-        hasher.update(prev);
-        let parts = [
-            self.aggregate_type,
-            self.account.as_bytes(),
-            sequence,
-            self.event_type.as_bytes(),
-            self.event_version,
-            self.payload,
-            self.metadata,
-        ];
-        for (i, part) in parts.iter().enumerate() {
-            if i > 0 {
-                hasher.update(b"|");
-            }
-            hasher.update(part);
+        crate::chain::Link {
+            aggregate_type: self.aggregate_type,
+            account: self.account.as_bytes(),
+            sequence: self.sequence,
+            event_type: self.event_type.as_bytes(),
+            event_version: self.event_version,
+            payload: self.payload,
+            metadata: self.metadata,
         }
-        hasher.finalize().into()
+        .hash(prev)
     }
-}
-
-/// `n` in base 10, as PostgreSQL's `bigint::text` writes it, without allocating.
-fn decimal(n: i64, buffer: &mut [u8; 20]) -> &[u8] {
-    let mut rest = &mut buffer[..];
-    // 20 bytes hold every i64 ("-9223372036854775808"), so this cannot fail.
-    let _ = write!(rest, "{n}");
-    let written = 20 - rest.len();
-    &buffer[..written]
 }
 
 fn int8(field: &[u8]) -> anyhow::Result<i64> {

@@ -54,6 +54,14 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0011_outbox_per_statement",
         include_str!("../../../migrations/0011_outbox_per_statement.sql"),
     ),
+    (
+        "0012_chain_linked_by_the_appender",
+        include_str!("../../../migrations/0012_chain_linked_by_the_appender.sql"),
+    ),
+    (
+        "0013_no_recorded_at_index",
+        include_str!("../../../migrations/0013_no_recorded_at_index.sql"),
+    ),
 ];
 
 /// Where the database is and how many connections each side may use.

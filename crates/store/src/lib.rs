@@ -5,6 +5,7 @@
 //! It knows the domain (`credit-domain`) but nothing of HTTP or of the providers.
 
 pub mod audit;
+pub mod chain;
 pub mod checkpoint;
 pub mod db;
 pub mod executor;
