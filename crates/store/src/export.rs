@@ -2,7 +2,7 @@
 //! (tools/verify_export.py). The format and the hash are specified in docs/AUDITING.md.
 //!
 //! Every event line carries the exact text the hash covers (`payload` and `metadata` are the
-//! stored jsonb's text form, as strings) and the previous event's hash, so a verifier
+//! stored text, as strings) and the previous event's hash, so a verifier
 //! recomputes each chain from the file alone, also for one account or a position range.
 
 use std::collections::HashMap;
