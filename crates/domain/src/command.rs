@@ -24,10 +24,14 @@ impl VideoSpec {
 }
 
 pub(crate) fn hex_sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(text.as_bytes());
+    let mut hex = String::with_capacity(2 * digest.len());
+    for b in digest {
+        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    hex
 }
 
 /// Everything that can be asked of a `CreditAccount`. Every command names the thing it acts
@@ -121,4 +125,67 @@ pub enum CreditCommand {
         actor: String,
         reason: String,
     },
+}
+
+impl CreditCommand {
+    /// The command's variant name (`RequestRecharge`, ...), for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RequestRecharge { .. } => "RequestRecharge",
+            Self::AttachCheckout { .. } => "AttachCheckout",
+            Self::CompleteRecharge { .. } => "CompleteRecharge",
+            Self::FailRecharge { .. } => "FailRecharge",
+            Self::CancelRecharge { .. } => "CancelRecharge",
+            Self::RecordRefund { .. } => "RecordRefund",
+            Self::RecordDispute { .. } => "RecordDispute",
+            Self::DeductForTask { .. } => "DeductForTask",
+            Self::MarkSubmissionUncertain { .. } => "MarkSubmissionUncertain",
+            Self::MarkTaskSubmitted { .. } => "MarkTaskSubmitted",
+            Self::RecordProgress { .. } => "RecordProgress",
+            Self::RecordVideoSuccess { .. } => "RecordVideoSuccess",
+            Self::FailVideo { .. } => "FailVideo",
+            Self::Adjust { .. } => "Adjust",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_sha256_is_lowercase_hex_of_the_digest() {
+        assert_eq!(
+            hex_sha256("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            hex_sha256(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn a_commands_kind_is_its_variant_name() {
+        let commands = [
+            CreditCommand::FailVideo {
+                task_id: "t".into(),
+                failure_reason: "r".into(),
+                error_message: "e".into(),
+            },
+            CreditCommand::Adjust {
+                adjustment_id: "a".into(),
+                credits: 1,
+                actor: "ops".into(),
+                reason: "r".into(),
+            },
+        ];
+        for command in commands {
+            let debug = format!("{command:?}");
+            assert!(
+                debug.starts_with(&format!("{} {{", command.kind())),
+                "{debug}"
+            );
+        }
+    }
 }

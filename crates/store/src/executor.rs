@@ -263,8 +263,7 @@ impl Ledger {
         metadata: HashMap<String, String>,
     ) -> Result<Committed, ExecuteError> {
         let (reply, answer) = oneshot::channel();
-        // Kept for the metrics only (the kind), and only a small clone.
-        let counted = command.clone();
+        let kind = command.kind();
         Inner::submit(
             &self.inner,
             Pending {
@@ -285,9 +284,7 @@ impl Ledger {
         };
         let outcome = match &answer {
             Ok(done) => {
-                let events: Vec<CreditEvent> =
-                    done.events.iter().map(|e| e.payload.clone()).collect();
-                crate::metrics::appended(&events);
+                crate::metrics::appended(done.events.iter().map(|e| &e.payload));
                 crate::metrics::Outcome::Committed
             }
             Err(ExecuteError::Rejected(_)) => crate::metrics::Outcome::Rejected,
@@ -296,7 +293,7 @@ impl Ledger {
             Err(ExecuteError::Unknown(_)) => crate::metrics::Outcome::Unknown,
             Err(ExecuteError::Store(_)) => crate::metrics::Outcome::StoreError,
         };
-        crate::metrics::command(&counted, outcome);
+        crate::metrics::command(kind, outcome);
         answer
     }
 }
@@ -1453,7 +1450,7 @@ impl Queue {
     fn take(&mut self) -> Vec<Group> {
         let mut groups: Vec<Group> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
-        let mut rest = VecDeque::new();
+        let mut rest = VecDeque::with_capacity(self.waiting.len());
         let mut taken = 0;
         while let Some(pending) = self.waiting.pop_front() {
             if taken == MAX_BATCH {
