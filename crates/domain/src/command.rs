@@ -24,14 +24,7 @@ impl VideoSpec {
 }
 
 pub(crate) fn hex_sha256(text: &str) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(text.as_bytes());
-    let mut hex = String::with_capacity(2 * digest.len());
-    for b in digest {
-        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
-        hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    hex
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// Everything that can be asked of a `CreditAccount`. Every command names the thing it acts
